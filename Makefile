@@ -1,0 +1,20 @@
+# The two commands a newcomer needs; each installs what it needs into .venv first.
+SHARED ?= ../shared
+VIDEO ?= $(SHARED)/data/videos/d12.mp4
+
+.PHONY: demo test setup bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/capture video $(VIDEO) --out takes/demo
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+bench: setup
+	.venv/bin/python bench/bench_pipeline.py
+
+clean:
+	rm -rf takes build

@@ -1,0 +1,220 @@
+"""The `capture` command line.
+
+    capture video IN [--out DIR]          a recorded video -> blendshapes.csv, meshes/, track.npz
+    capture image IMG... [--out DIR]      photos or folders of photos, one row per picture
+    capture live [--camera N] [--preview] a webcam, live, optionally recorded with --out
+    capture model import FACEXMODEL_DIR   build the face model file from ICT-FaceKit's OBJ folder
+"""
+from __future__ import annotations
+
+import os
+
+# One BLAS thread: the fit's small matrices are slower when split across cores,
+# and the reader thread needs the second core. Set before numpy loads.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+EPILOG = """\
+outputs (in --out DIR):
+  blendshapes.csv   Live Link Face CSV: Timecode, BlendShapeCount (61), the 52 ARKit shapes,
+                    head and eye yaw/pitch/roll in radians; one row per frame with a face
+  meshes/NNNNNN.obj one mesh per frame with a face (ICT face model topology, camera
+                    coordinates in centimetres: x right, y down, z forward)
+  track.npz         every frame: face_found, blendshapes, expression, identity, rotation,
+                    translation, camera_matrix, landmarks68, image_size (see README)
+
+the face model is read from --face-model, else $CAPTURE_FACE_MODEL, else
+../shared/facemodel/ict_face_model_light.npz beside the project.
+"""
+
+
+class CaptureError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def _common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
+    p.add_argument("--out", type=Path, required=out_required,
+                   help="output folder (default: takes/<input name>)")
+    p.add_argument("--mesh-format", choices=("obj", "ply", "none"), default="obj",
+                   help="per-frame mesh files (default: obj)")
+    p.add_argument("--focal-px", type=float, default=None,
+                   help="camera focal length in pixels (default: the larger image side, about 53° across)")
+    p.add_argument("--face-model", type=Path, default=None, help="face model .npz")
+    p.add_argument("--no-filter", action="store_true",
+                   help="write raw per-frame fits (no One-Euro temporal filtering)")
+    p.add_argument("--no-small-faces", action="store_true",
+                   help="skip the full-range detector that finds small, distant faces")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capture", description="Real-time facial performance capture: a 3D face mesh, head pose and "
+        "the 52 ARKit blendshapes from every frame of a video, photos or a webcam.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("video", help="process a recorded video", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Track and fit every frame of a video; frames without a face are "
+                       "marked in track.npz and skipped in the CSV and meshes. No frame is dropped.")
+    p.add_argument("input", type=Path, help="video file (mp4, mov, avi, ...)")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    _common(p)
+
+    p = sub.add_parser("image", help="process photos", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fit each photo on its own (identity per photo, in track.npz's "
+                       "identity_per_frame); one row per photo in the order given, folders "
+                       "expanded in name order. Exits 1 if a photo has no face, after writing the rest.")
+    p.add_argument("input", type=Path, nargs="+", help="image files or folders")
+    _common(p)
+
+    p = sub.add_parser("live", help="capture from a camera", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Live capture from a webcam. Stale frames are dropped so latency "
+                       "never builds up. Without --out nothing is written; Ctrl-C stops.")
+    p.add_argument("--camera", type=int, default=0, help="camera index (default: 0)")
+    p.add_argument("--preview", action="store_true", help="show a window with the fitted mesh over the picture")
+    p.add_argument("--width", type=int, default=None, help="requested camera width, px")
+    p.add_argument("--height", type=int, default=None, help="requested camera height, px")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    _common(p)
+    p.set_defaults(mesh_format="none")
+
+    p = sub.add_parser("model", help="face model tools")
+    msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    q = msub.add_parser("import", help="build the face model .npz from ICT-FaceKit's FaceXModel folder",
+                        description="Reads generic_neutral_mesh.obj, identityNNN.obj, the 53 expression OBJs "
+                        "and vertex_indices.json from the upstream ICT-FaceKit FaceXModel folder and "
+                        "writes the single .npz file capture uses.")
+    q.add_argument("folder", type=Path, help="the FaceXModel folder")
+    q.add_argument("--out", type=Path, default=None,
+                   help="output .npz (default: $CAPTURE_FACE_MODEL or ../shared/facemodel/ict_face_model_light.npz)")
+    return parser
+
+
+def _default_out(input_path: Path) -> Path:
+    return Path("takes") / input_path.stem
+
+
+def _load_capture(args, static: bool):
+    from capture.pipeline import CaptureSettings, FaceCapture
+    from engine.correspondence import LandmarkCorrespondence
+    from engine.facemodel import FaceModel
+
+    settings = CaptureSettings(focal_px=args.focal_px, filtering=not args.no_filter,
+                               small_faces=not args.no_small_faces, static=static)
+    return FaceCapture(FaceModel.load(args.face_model), LandmarkCorrespondence.load(), settings)
+
+
+def _report(summary, out: Path | None) -> None:
+    fps = summary.frames / summary.wall_s if summary.wall_s > 0 else 0.0
+    line = f"{summary.frames} frames, {summary.faces} with a face, {fps:.1f} frames/s"
+    if summary.dropped:
+        line += f", {summary.dropped} stale frames dropped"
+    if out is not None:
+        line += f" -> {out}"
+    print(line, file=sys.stderr)
+
+
+def cmd_video(args) -> int:
+    from capture.pipeline import run_take
+    from capture.sources import VideoSource
+
+    source = VideoSource(args.input)
+    out = args.out or _default_out(args.input)
+    capture = _load_capture(args, static=False)
+    try:
+        summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
+                           max_frames=args.max_frames)
+    finally:
+        capture.close()
+        source.close()
+    _report(summary, out)
+    return 0
+
+
+def cmd_image(args) -> int:
+    from capture.pipeline import run_take
+    from capture.sources import ImageSource
+
+    source = ImageSource(args.input)
+    out = args.out or _default_out(args.input[0])
+    capture = _load_capture(args, static=True)
+    try:
+        summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet)
+    finally:
+        capture.close()
+    _report(summary, out)
+    if summary.frames_without_face:
+        missing = summary.frames_without_face
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CaptureError(f"no face found in {missing[0]}{more}")
+    return 0
+
+
+def cmd_live(args) -> int:
+    from capture.pipeline import run_take
+    from capture.preview import Preview
+    from capture.sources import CameraSource
+
+    source = CameraSource(args.camera, args.width, args.height)
+    capture = _load_capture(args, static=False)
+    preview = Preview(capture, f"capture: camera {args.camera}") if args.preview else None
+    try:
+        summary = run_take(source, capture, args.out, args.mesh_format, progress=not args.quiet,
+                           max_frames=args.max_frames, on_result=preview.show if preview else None,
+                           queue_size=1)
+    except KeyboardInterrupt:
+        summary = None
+    finally:
+        if preview is not None:
+            preview.close()
+        capture.close()
+        source.close()
+    if summary is not None:
+        _report(summary, args.out)
+    return 0
+
+
+def cmd_model_import(args) -> int:
+    from tqdm import tqdm
+
+    from engine.facemodel import DEFAULT_FACE_MODEL, ENV_FACE_MODEL
+    from engine.model_import import import_facexmodel
+
+    out = args.out or Path(os.environ.get(ENV_FACE_MODEL) or DEFAULT_FACE_MODEL)
+    with tqdm(unit="file", desc="importing") as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        path = import_facexmodel(args.folder, out, progress=progress)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from capture.sources import SourceError
+    from engine.facemodel import FaceModelError
+    from engine.model_import import ModelImportError
+
+    handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live}
+    handler = cmd_model_import if args.command == "model" else handlers[args.command]
+    try:
+        return handler(args)
+    except (CaptureError, SourceError, FaceModelError, ModelImportError, FileNotFoundError,
+            PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"capture: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""The per-frame pipeline: landmarks -> fit -> gaze -> filtering -> outputs.
+
+`FaceCapture` turns one picture into a `FrameResult`; `run_take` drives a
+whole source through it into the files animators use (blendshapes.csv,
+meshes/, track.npz), with a reader thread, a progress bar and per-stage timings.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from capture.sinks import LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
+from capture.sources import Frame, FrameReader, FrameSource
+from capture.tracking import FaceTracker
+from engine.arkit import arkit_from_model
+from engine.correspondence import LandmarkCorrespondence
+from engine.facemodel import FaceModel, barycentric_points
+from engine.filters import OneEuroFilter
+from engine.fitting import FitSettings, LandmarkBasis, TakeFitter, project
+from engine.gaze import IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, eye_look_weights, gaze_angles
+from engine.pose import FRONTAL, default_camera_matrix, head_rotation, rodrigues, rotation_to_axis_angle, yaw_pitch_roll
+
+STAGES = ("decode", "landmarks", "fit", "filter", "write")
+
+
+@dataclass
+class CaptureSettings:
+    """What a user may tune. focal_px None: max(width, height) (about 53° across)."""
+
+    focal_px: float | None = None
+    filtering: bool = True
+    small_faces: bool = True
+    static: bool = False            # photos: every picture fitted on its own
+    identity_frames: int = 40       # frames with a face before a take's identity locks
+    photo_passes: int = 4           # fit passes over one photo (identity and expression alternate)
+    expression_cutoff_hz: float = 1.5
+    expression_beta: float = 2.0
+    pose_cutoff_hz: float = 1.0
+    rotation_beta: float = 1.5
+    translation_beta: float = 0.3
+
+
+@dataclass
+class FrameResult:
+    """One frame's output. Arrays are absent (None) when no face was found.
+
+    rotation (3, 3) / translation (3,) cm: model to camera; expression (53,) model
+    weights; blendshapes (52,) ARKit order; head_ypr_rad (3,); eyes_ypr_rad (2, 3)
+    for the subject's left then right eye; landmarks68 (68, 2) px; landmarks (478, 3)
+    MediaPipe's, px.
+    """
+
+    index: int
+    time_s: float
+    face_found: bool
+    camera_matrix: np.ndarray
+    image_size: tuple[int, int]
+    landmarks: np.ndarray | None = None
+    rotation: np.ndarray | None = None
+    translation: np.ndarray | None = None
+    expression: np.ndarray | None = None
+    identity: np.ndarray | None = None
+    blendshapes: np.ndarray | None = None
+    head_ypr_rad: np.ndarray | None = None
+    eyes_ypr_rad: np.ndarray | None = None
+    landmarks68: np.ndarray | None = None
+    rms_px: float = float("nan")
+    timings_s: dict = field(default_factory=dict)
+
+
+class FaceCapture:
+    """Landmarks, fit, gaze and filtering for a stream of pictures of one take."""
+
+    def __init__(self, model: FaceModel, correspondence: LandmarkCorrespondence,
+                 settings: CaptureSettings | None = None):
+        self.model = model
+        self.settings = settings or CaptureSettings()
+        # iris landmarks take no part in the lid/face fit: the eyeballs are rigid in the model
+        self.basis = LandmarkBasis.from_correspondence(model, correspondence, exclude=IRIS_LANDMARKS)
+        self.basis68 = LandmarkBasis.from_vertices(model, model.landmark68_vertices)
+        self._iris_rest = barycentric_points(model.neutral, model.triangles, correspondence.triangle,
+                                             correspondence.barycentric)[list(IRIS_CENTRES)]
+        self._arkit = model.arkit_mapping()
+        self._look = {name: model.expression_names.index(name) for name in
+                      eye_look_weights(np.zeros((2, 2)))}
+        self._expression_2d = model.expression_modes.reshape(model.n_expression, -1)
+        self.tracker = FaceTracker(static=self.settings.static, small_faces=self.settings.small_faces)
+        self._identity_mesh = None
+        self._identity_of_mesh = None
+        self.eyes = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new take: identity, tracking and filters start afresh."""
+        s = self.settings
+        self.fitter = TakeFitter(self.basis, FitSettings(
+            identity_frames=s.photo_passes if s.static else s.identity_frames))
+        self._expression_filter = OneEuroFilter(s.expression_cutoff_hz, s.expression_beta)
+        self._pose_filter = OneEuroFilter(s.pose_cutoff_hz, np.r_[np.full(3, s.rotation_beta),
+                                                                  np.full(3, s.translation_beta)])
+        self.tracker.reset()
+        self._update_identity_mesh()
+
+    def _update_identity_mesh(self) -> None:
+        identity = self.fitter.identity
+        if self._identity_of_mesh is not None and np.array_equal(identity, self._identity_of_mesh):
+            return
+        self._identity_mesh = self.model.vertices(identity.astype(np.float32))
+        self._identity_of_mesh = identity.copy()
+        self.eyes = EyeModel.from_model(self.model, self._identity_mesh, self._iris_rest)
+
+    def camera_matrix(self, width: int, height: int) -> np.ndarray:
+        return default_camera_matrix(width, height, self.settings.focal_px)
+
+    def process(self, image: np.ndarray, time_s: float, index: int = 0) -> FrameResult:
+        """One RGB picture (H, W, 3) uint8 at time_s -> FrameResult."""
+        h, w = image.shape[:2]
+        K = self.camera_matrix(w, h)
+        timings = {}
+        t0 = time.perf_counter()
+        if self.settings.static:
+            self.tracker.reset()
+        landmarks = self.tracker.track(image)
+        t1 = time.perf_counter()
+        timings["landmarks"] = t1 - t0
+        result = FrameResult(index, time_s, landmarks is not None, K, (w, h), timings_s=timings)
+        if landmarks is None:
+            self.fitter.lose_track()
+            self._expression_filter.reset()
+            self._pose_filter.reset()
+            timings["fit"] = timings["filter"] = 0.0
+            return result
+        gaze = {}
+
+        def pin(R, t):
+            gaze["angles"] = gaze_angles(self.eyes, landmarks, R, t, K)
+            return {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
+
+        passes = self.settings.photo_passes if self.settings.static else 1
+        for _ in range(passes):
+            if self.settings.static:
+                self.fitter.lose_track()
+            fit = self.fitter.fit(landmarks, K, pin=pin)
+        if not np.array_equal(fit.identity, self._identity_of_mesh):
+            self._update_identity_mesh()
+        t2 = time.perf_counter()
+        timings["fit"] = t2 - t1
+
+        R, t, e = fit.rotation, fit.translation, fit.expression
+        if self.settings.filtering and not self.settings.static:
+            e = np.clip(self._expression_filter(e, time_s), 0.0, 1.0)
+            pose = self._pose_filter(np.r_[rotation_to_axis_angle(R @ FRONTAL.T), t], time_s)
+            R, t = rodrigues(pose[:3]) @ FRONTAL, pose[3:]
+        eyes = np.zeros((2, 3))
+        eyes[:, :2] = gaze["angles"]
+        result.landmarks = landmarks
+        result.rotation, result.translation, result.expression = R, t, e
+        result.identity = fit.identity
+        result.blendshapes = arkit_from_model(e, self._arkit)
+        result.head_ypr_rad = yaw_pitch_roll(head_rotation(R))
+        result.eyes_ypr_rad = eyes
+        result.landmarks68 = project(self.basis68.points(fit.identity, e) @ R.T + t, K)
+        result.rms_px = fit.rms_px
+        timings["filter"] = time.perf_counter() - t2
+        return result
+
+    def mesh_vertices(self, result: FrameResult) -> np.ndarray:
+        """(V, 3) float32 camera-space vertices (cm) of a frame with a face."""
+        if not np.array_equal(result.identity, self._identity_of_mesh):
+            self._update_identity_mesh()
+        v = self._identity_mesh + (result.expression.astype(np.float32) @ self._expression_2d).reshape(-1, 3)
+        return (v @ result.rotation.T.astype(np.float32) + result.translation.astype(np.float32)).astype(np.float32)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+class TakeWriter:
+    """The output folder of one take: blendshapes.csv, meshes/NNNNNN.obj|ply, track.npz.
+
+    Every file is valid after every frame (rows flushed, meshes renamed into
+    place, track.npz checkpointed), so an error midway loses nothing written.
+    """
+
+    def __init__(self, out_dir: Path, capture: FaceCapture, fps: float, mesh_format: str = "obj"):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.capture = capture
+        self.csv = LiveLinkCsvWriter(self.out_dir / "blendshapes.csv", fps)
+        self.meshes = None
+        if mesh_format != "none":
+            self.meshes = MeshSequenceWriter(self.out_dir / "meshes", capture.model.triangles, mesh_format)
+        self.track = TrackWriter(self.out_dir / "track.npz", n_expression=capture.model.n_expression,
+                                 n_identity=capture.basis.identity.shape[0])
+        self._camera_set = False
+
+    def write(self, result: FrameResult) -> None:
+        if not self._camera_set:
+            self.track.set_camera(result.camera_matrix, result.image_size)
+            self._camera_set = True
+        if result.face_found:
+            self.csv.write(result.time_s, result.blendshapes, result.head_ypr_rad,
+                           result.eyes_ypr_rad[0], result.eyes_ypr_rad[1])
+            if self.meshes is not None:
+                self.meshes.write(result.index, self.capture.mesh_vertices(result))
+            self.track.set_identity(result.identity)
+        self.track.add(result.index, result.time_s, result.face_found, blendshapes=result.blendshapes,
+                       expression=result.expression, rotation=result.rotation,
+                       translation=result.translation, landmarks68=result.landmarks68,
+                       identity=result.identity)
+
+    def close(self) -> None:
+        self.csv.close()
+        self.track.close()
+
+
+@dataclass
+class TakeSummary:
+    frames: int = 0
+    faces: int = 0
+    dropped: int = 0
+    wall_s: float = 0.0
+    timings_s: dict = field(default_factory=lambda: {s: [] for s in STAGES})
+    frames_without_face: list = field(default_factory=list)
+
+
+def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, mesh_format: str = "obj",
+             progress: bool = True, max_frames: int | None = None, on_result=None,
+             queue_size: int = 4) -> TakeSummary:
+    """Drive a source through the pipeline into out_dir (None: no files).
+
+    A SourceError raised midway (e.g. a truncated video) propagates after every
+    frame before it has been written and the outputs closed.
+    on_result(frame, result) is called per frame (preview, streaming); return
+    False from it to stop.
+    """
+    from tqdm import tqdm
+
+    summary = TakeSummary()
+    fps = source.fps or 30.0
+    writer = TakeWriter(out_dir, capture, fps, mesh_format) if out_dir is not None else None
+    total = source.frame_count if max_frames is None else min(max_frames, source.frame_count or max_frames)
+    bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, leave=True)
+    start = time.perf_counter()
+    reader = FrameReader(source, queue_size=queue_size)
+    try:
+        for frame in reader:
+            result = capture.process(frame.image, frame.time_s, frame.index)
+            t0 = time.perf_counter()
+            if writer is not None:
+                writer.write(result)
+            result.timings_s["write"] = time.perf_counter() - t0
+            result.timings_s["decode"] = frame.decode_s
+            for stage in STAGES:
+                summary.timings_s[stage].append(result.timings_s.get(stage, 0.0))
+            summary.frames += 1
+            summary.faces += result.face_found
+            if not result.face_found:
+                summary.frames_without_face.append(frame.name or frame.index)
+            bar.update(1)
+            bar.set_postfix(faces=summary.faces, refresh=False)
+            if on_result is not None and on_result(frame, result) is False:
+                break
+            if max_frames is not None and summary.frames >= max_frames:
+                break
+    finally:
+        summary.dropped = reader.dropped
+        reader.close()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        summary.wall_s = time.perf_counter() - start
+    return summary

@@ -1,0 +1,46 @@
+"""A preview window: the fitted mesh drawn over the live picture."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from engine.facemodel import NARROW_FACE_VERTICES
+from engine.fitting import project
+
+
+def draw_overlay(image_rgb: np.ndarray, capture, result, triangles: np.ndarray) -> np.ndarray:
+    """BGR picture with the mesh wireframe, the 68 landmarks and the head angles."""
+    out = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    if not result.face_found:
+        cv2.putText(out, "no face", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 255), 2)
+        return out
+    v = capture.mesh_vertices(result)
+    px = project(v.astype(np.float64), result.camera_matrix)
+    polys = np.round(px[triangles] * 4).astype(np.int32)  # 2 bits of sub-pixel precision
+    cv2.polylines(out, list(polys), True, (90, 200, 90), 1, cv2.LINE_AA, shift=2)
+    for x, y in result.landmarks68:
+        cv2.circle(out, (int(x), int(y)), 2, (0, 0, 255), -1)
+    yaw, pitch, roll = np.degrees(result.head_ypr_rad)
+    cv2.putText(out, f"yaw {yaw:+.0f} pitch {pitch:+.0f} roll {roll:+.0f}", (10, 30),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
+    return out
+
+
+class Preview:
+    """An OpenCV window; `show(frame, result)` returns False when the user closes it (q or Esc)."""
+
+    def __init__(self, capture, title: str = "capture"):
+        self.capture = capture
+        self.title = title
+        tris = capture.model.triangles
+        face = np.all(tris < NARROW_FACE_VERTICES.stop, axis=1)
+        self._triangles = tris[face][::3]  # a third of the face triangles keeps drawing cheap
+        cv2.namedWindow(title, cv2.WINDOW_NORMAL)
+
+    def show(self, frame, result) -> bool:
+        cv2.imshow(self.title, draw_overlay(frame.image, self.capture, result, self._triangles))
+        key = cv2.waitKey(1) & 0xFF
+        return key not in (ord("q"), 27)
+
+    def close(self) -> None:
+        cv2.destroyWindow(self.title)

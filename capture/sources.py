@@ -1,0 +1,469 @@
+"""Frame sources: one interface over video files, image lists and live cameras.
+
+Everything downstream consumes `Frame`s in order and never touches OpenCV
+capture objects, so decode errors, colour order (RGB, not OpenCV's BGR) and
+timing are settled here once.  `FrameReader` moves decoding onto a background
+thread so capture overlaps with tracking.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+
+@dataclass
+class Frame:
+    """One decoded picture and where it came from."""
+
+    index: int  # 0-based position in the source
+    time_s: float  # presentation time, seconds from the source's start
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    name: str  # file path for images, "" for video/camera frames
+    decode_s: float = 0.0  # seconds spent reading + decoding this frame
+
+
+class SourceError(Exception):
+    """A source that cannot be opened or read; str() is one line naming the path."""
+
+
+def _bgr_to_rgb(image: np.ndarray) -> np.ndarray:
+    """OpenCV decodes to BGR (or gray / BGRA); the pipeline wants 3-channel RGB."""
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _valid_rate(value: float) -> float | None:
+    """OpenCV reports unknown rates / counts as 0 or NaN; map those to None."""
+    return float(value) if value == value and value > 0 else None
+
+
+def _mp4_boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, box end) for each ISO-BMFF box in data[start:end]."""
+    while start + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[start:start + 8])
+        header = 8
+        if size == 1 and start + 16 <= end:
+            size, header = struct.unpack(">Q", data[start + 8:start + 16])[0], 16
+        elif size == 0:
+            size = end - start
+        if size < header or start + size > end:
+            return
+        yield kind, start + header, start + size
+        start += size
+
+
+def _mp4_video_duration_s(path: str) -> float | None:
+    """Presentation length of an MP4/MOV's video track(s), None if not found.
+
+    Trimmed clips keep every sample but shorten playback with an edit list;
+    FFmpeg (and so OpenCV) then decodes fewer frames than CAP_PROP_FRAME_COUNT
+    claims, which must not be mistaken for truncation.  The track header
+    (tkhd) duration is the edited length, in movie-timescale units.
+    """
+    moov_limit_bytes = 64 << 20  # a real moov is KBs-MBs; refuse absurd sizes
+    try:
+        with open(path, "rb") as file:
+            offset = 0
+            while True:
+                file.seek(offset)
+                head = file.read(16)
+                if len(head) < 8:
+                    return None
+                size, kind = struct.unpack(">I4s", head[:8])
+                header = 8
+                if size == 1 and len(head) == 16:
+                    size, header = struct.unpack(">Q", head[8:16])[0], 16
+                if size < header:
+                    return None
+                if kind == b"moov":
+                    if size > moov_limit_bytes:
+                        return None
+                    file.seek(offset + header)
+                    moov = file.read(size - header)
+                    if len(moov) < size - header:
+                        return None
+                    break
+                if kind not in (b"ftyp", b"free", b"skip", b"wide", b"mdat",
+                                b"pdin", b"uuid", b"meta"):
+                    return None  # not ISO-BMFF (e.g. AVI, MKV): nothing to learn
+                offset += size
+    except OSError:
+        return None
+    try:
+        return _moov_video_duration_s(moov)
+    except (struct.error, IndexError):
+        return None
+
+
+def _moov_video_duration_s(moov: bytes) -> float | None:
+    """Longest video-track (tkhd) duration in a moov payload, in seconds."""
+    timescale_hz = None
+    video_ticks = []
+    for kind, start, end in _mp4_boxes(moov, 0, len(moov)):
+        if kind == b"mvhd":
+            at = start + (20 if moov[start] == 1 else 12)
+            timescale_hz = struct.unpack(">I", moov[at:at + 4])[0]
+        elif kind == b"trak":
+            ticks, handler = None, None
+            for sub, sub_start, sub_end in _mp4_boxes(moov, start, end):
+                if sub == b"tkhd" and moov[sub_start] == 1:
+                    ticks = struct.unpack(">Q", moov[sub_start + 28:sub_start + 36])[0]
+                elif sub == b"tkhd":
+                    ticks = struct.unpack(">I", moov[sub_start + 20:sub_start + 24])[0]
+                elif sub == b"mdia":
+                    for leaf, leaf_start, _ in _mp4_boxes(moov, sub_start, sub_end):
+                        if leaf == b"hdlr":
+                            handler = moov[leaf_start + 8:leaf_start + 12]
+            unknown = (None, 0, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
+            if handler == b"vide" and ticks not in unknown:
+                video_ticks.append(ticks)
+    if not timescale_hz or not video_ticks:
+        return None
+    return max(video_ticks) / timescale_hz
+
+
+class FrameSource:
+    """Base class: iterate to get Frames in order; close() releases the device/file."""
+
+    fps: float | None = None
+    frame_count: int | None = None
+    size: tuple[int, int] | None = None  # (width, height) px of the first frame
+    live: bool = False
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release OS resources; safe to call more than once."""
+
+    def __enter__(self) -> "FrameSource":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _Capture:
+    """Shared cv2.VideoCapture handling for files and cameras: timed RGB reads."""
+
+    def __init__(self, cap: cv2.VideoCapture):
+        self.cap = cap
+
+    def read(self) -> tuple[np.ndarray | None, float]:
+        """Return (RGB image or None at end/failure, seconds spent)."""
+        start_s = time.perf_counter()
+        try:
+            ok, bgr = self.cap.read()
+        except cv2.error:
+            ok, bgr = False, None
+        if not ok or bgr is None:
+            return None, time.perf_counter() - start_s
+        rgb = _bgr_to_rgb(bgr)
+        return rgb, time.perf_counter() - start_s
+
+    def release(self) -> None:
+        self.cap.release()
+
+
+class VideoSource(FrameSource):
+    """A video file, decoded sequentially.
+
+    The first frame is decoded at construction so an unreadable file fails
+    early.  If decoding stops well before the container's frame count, every
+    decodable frame is yielded and then SourceError('video truncated: ...').
+    """
+
+    frame_count_tolerance = 2  # frames; CAP_PROP_FRAME_COUNT is sometimes approximate
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.live = False
+        self._closed = False
+        self._capture, self._first, self._first_decode_s = self._open()
+        cap = self._capture.cap
+        self.fps = _valid_rate(cap.get(cv2.CAP_PROP_FPS))
+        count = _valid_rate(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.frame_count = int(round(count)) if count is not None else None
+        edited_s = _mp4_video_duration_s(self.path)
+        if self.frame_count is not None and self.fps is not None and edited_s is not None:
+            edited_frames = int(round(edited_s * self.fps))
+            if edited_frames < self.frame_count - self.frame_count_tolerance:
+                self.frame_count = edited_frames  # an edit list trims playback
+        self.size = (self._first.shape[1], self._first.shape[0])
+
+    def _open(self) -> tuple[_Capture, np.ndarray, float]:
+        """Open the file and decode its first frame, or raise SourceError."""
+        if not Path(self.path).exists():
+            raise SourceError(f"video not found: {self.path}")
+        if not Path(self.path).is_file():
+            raise SourceError(f"not a readable video: {self.path}")
+        capture = _Capture(cv2.VideoCapture(self.path))
+        if not capture.cap.isOpened():
+            capture.release()
+            raise SourceError(f"not a readable video: {self.path}")
+        first, decode_s = capture.read()
+        if first is None:
+            capture.release()
+            raise SourceError(f"not a readable video: {self.path}")
+        return capture, first, decode_s
+
+    def _time_s(self, capture: _Capture, index: int) -> float:
+        """index / fps; falls back to the container timestamp when fps is unknown."""
+        if self.fps is not None:
+            return index / self.fps
+        return capture.cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._closed:
+            raise SourceError(f"video already closed: {self.path}")
+        if self._capture is None:  # a second pass: reopen from the start
+            self._capture, self._first, self._first_decode_s = self._open()
+        capture = self._capture
+        image, decode_s = self._first, self._first_decode_s
+        self._first = None
+        index = 0
+        try:
+            while image is not None:
+                yield Frame(index, self._time_s(capture, index), image, "", decode_s)
+                index += 1
+                image, decode_s = capture.read()
+        finally:
+            capture.release()
+            if self._capture is capture:
+                self._capture = None
+        expected = self.frame_count
+        if expected is not None and index < expected - self.frame_count_tolerance:
+            raise SourceError(
+                f"video truncated: decoded {index} of {expected} frames of {self.path}"
+            )
+
+    def close(self) -> None:
+        self._closed = True
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+        self._first = None
+
+
+class ImageSource(FrameSource):
+    """Still images, from files and/or folders, each read when it is reached.
+
+    Folders expand to their image files sorted by name; other paths keep the
+    order given.  A missing path or an empty folder fails at construction; an
+    unreadable file fails during iteration, after the frames before it.
+    """
+
+    image_suffixes = frozenset(
+        {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+    )
+
+    def __init__(self, paths: Sequence[str | Path]):
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        self.paths: list[str] = []
+        for raw in paths:
+            path = Path(raw)
+            if not path.exists():
+                raise SourceError(f"image not found: {raw}")
+            if path.is_dir():
+                found = sorted(
+                    (p for p in path.iterdir()
+                     if p.is_file() and p.suffix.lower() in self.image_suffixes),
+                    key=lambda p: p.name,
+                )
+                if not found:
+                    raise SourceError(f"no images in folder: {raw}")
+                self.paths.extend(str(p) for p in found)
+            else:
+                self.paths.append(str(path))
+        if not self.paths:
+            raise SourceError("no image paths given")
+        self.fps = None
+        self.frame_count = len(self.paths)
+        self.size = None  # set from the first image once it has been read
+        self.live = False
+
+    def __iter__(self) -> Iterator[Frame]:
+        for index, path in enumerate(self.paths):
+            start_s = time.perf_counter()
+            bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise SourceError(f"not a readable image: {path}")
+            image = _bgr_to_rgb(bgr)
+            decode_s = time.perf_counter() - start_s
+            if index == 0:
+                self.size = (image.shape[1], image.shape[0])
+            yield Frame(index, 0.0, image, path, decode_s)
+
+
+class CameraSource(FrameSource):
+    """A live camera; time_s is monotonic seconds since it was opened."""
+
+    def __init__(self, index: int, width: int | None = None,
+                 height: int | None = None, fps: float | None = None):
+        self.index = index
+        self.live = True
+        self.frame_count = None
+        cap = cv2.VideoCapture(index)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"camera {index} could not be opened")
+        if width is not None:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+        if height is not None:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+        if fps is not None:
+            cap.set(cv2.CAP_PROP_FPS, fps)
+        self._capture: _Capture | None = _Capture(cap)
+        self._opened_s = time.monotonic()
+        first, decode_s = self._capture.read()
+        if first is None:
+            self.close()
+            raise SourceError(f"camera {index} gave no first frame")
+        self._first: np.ndarray | None = first
+        self._first_time_s = time.monotonic() - self._opened_s
+        self._first_decode_s = decode_s
+        self.fps = _valid_rate(cap.get(cv2.CAP_PROP_FPS)) or fps
+        self.size = (first.shape[1], first.shape[0])
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._capture is None:
+            raise SourceError(f"camera {self.index} is closed")
+        capture = self._capture
+        if self._first is not None:
+            yield Frame(0, self._first_time_s, self._first, "", self._first_decode_s)
+            self._first = None
+        index = 1
+        while self._capture is capture:
+            image, decode_s = capture.read()
+            if image is None:
+                if self._capture is not capture:  # closed while reading
+                    return
+                raise SourceError(f"camera {self.index} stopped delivering frames")
+            yield Frame(index, time.monotonic() - self._opened_s, image, "", decode_s)
+            index += 1
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+        self._first = None
+
+
+class FrameReader:
+    """Reads a FrameSource on a background thread into a bounded queue.
+
+    Live sources drop the stalest queued frame when the queue is full (latency
+    never builds up; count drops in .dropped).  Recorded sources block the
+    reader when the queue is full: no frame is ever dropped.  An exception on
+    the reader thread reaches the consumer after every frame read before it.
+    """
+
+    def __init__(self, source: FrameSource, queue_size: int = 4,
+                 drop_stale: bool | None = None):
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        self.source = source
+        self.queue_size = queue_size
+        self.drop_stale = source.live if drop_stale is None else drop_stale
+        self.dropped = 0
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._cond = threading.Condition()
+        self._stop = False  # consumer asked the reader to quit
+        self._done = False  # reader finished (end, error or stop)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="FrameReader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        """Reader thread: pull frames and hand them over until end, error or stop."""
+        frames = None
+        try:
+            frames = iter(self.source)
+            for frame in frames:
+                if not self._put(frame):
+                    break
+        except BaseException as error:  # handed to the consumer, not lost
+            with self._cond:
+                self._error = error
+        finally:
+            close_frames = getattr(frames, "close", None)
+            if close_frames is not None:
+                try:
+                    close_frames()
+                except Exception:
+                    pass
+            with self._cond:
+                stopped = self._stop
+            if stopped:  # close() may have given up waiting; release the source here
+                self.source.close()
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _put(self, frame: Frame) -> bool:
+        """Queue one frame; returns False when the reader should stop."""
+        with self._cond:
+            if self.drop_stale:
+                if len(self._frames) >= self.queue_size:
+                    self._frames.popleft()
+                    self.dropped += 1
+            else:
+                while len(self._frames) >= self.queue_size and not self._stop:
+                    self._cond.wait()
+            if self._stop:
+                return False
+            self._frames.append(frame)
+            self._cond.notify_all()
+            return True
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            with self._cond:
+                while not self._frames and not self._done:
+                    self._cond.wait()
+                if self._frames:
+                    frame = self._frames.popleft()
+                    self._cond.notify_all()
+                elif self._error is not None and not self._stop:
+                    raise self._error
+                else:
+                    return
+            yield frame
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Stop the reader (even if blocked on a full queue) and close the source.
+
+        If the thread is stuck inside a blocking device read for longer than
+        timeout_s, it is left to exit on its own (it is a daemon) rather than
+        closing the source underneath it.
+        """
+        with self._cond:
+            self._stop = True
+            self._frames.clear()
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.source.close()
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def __enter__(self) -> "FrameReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

