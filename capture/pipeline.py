@@ -16,10 +16,11 @@ from capture.sinks import LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
 from capture.sources import Frame, FrameReader, FrameSource
 from capture.tracking import FaceTracker
 from engine.arkit import arkit_from_model
+from engine.contour import Landmarks68
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points
 from engine.filters import OneEuroFilter
-from engine.fitting import FitSettings, LandmarkBasis, TakeFitter, project
+from engine.fitting import FitSettings, LandmarkBasis, TakeFitter
 from engine.gaze import IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, eye_look_weights, gaze_angles
 from engine.pose import FRONTAL, default_camera_matrix, head_rotation, rodrigues, rotation_to_axis_angle, yaw_pitch_roll
 
@@ -80,7 +81,7 @@ class FaceCapture:
         self.settings = settings or CaptureSettings()
         # iris landmarks take no part in the lid/face fit: the eyeballs are rigid in the model
         self.basis = LandmarkBasis.from_correspondence(model, correspondence, exclude=IRIS_LANDMARKS)
-        self.basis68 = LandmarkBasis.from_vertices(model, model.landmark68_vertices)
+        self.landmarks68 = Landmarks68(model, self.basis.identity.shape[0])
         self._iris_rest = barycentric_points(model.neutral, model.triangles, correspondence.triangle,
                                              correspondence.barycentric)[list(IRIS_CENTRES)]
         self._arkit = model.arkit_mapping()
@@ -162,7 +163,7 @@ class FaceCapture:
         result.blendshapes = arkit_from_model(e, self._arkit)
         result.head_ypr_rad = yaw_pitch_roll(head_rotation(R))
         result.eyes_ypr_rad = eyes
-        result.landmarks68 = project(self.basis68.points(fit.identity, e) @ R.T + t, K)
+        result.landmarks68 = self.landmarks68.project(fit.identity, e, R, t, K)
         result.rms_px = fit.rms_px
         timings["filter"] = time.perf_counter() - t2
         return result
