@@ -97,13 +97,17 @@ class FaceCapture:
     def reset(self) -> None:
         """Start a new take: identity, tracking and filters start afresh."""
         s = self.settings
-        self.fitter = TakeFitter(self.basis, FitSettings(
-            identity_frames=s.photo_passes if s.static else s.identity_frames))
+        self._new_fitter()
         self._expression_filter = OneEuroFilter(s.expression_cutoff_hz, s.expression_beta)
         self._pose_filter = OneEuroFilter(s.pose_cutoff_hz, np.r_[np.full(3, s.rotation_beta),
                                                                   np.full(3, s.translation_beta)])
         self.tracker.reset()
         self._update_identity_mesh()
+
+    def _new_fitter(self) -> None:
+        s = self.settings
+        self.fitter = TakeFitter(self.basis, FitSettings(
+            identity_frames=s.photo_passes if s.static else s.identity_frames))
 
     def _update_identity_mesh(self) -> None:
         identity = self.fitter.identity
@@ -122,8 +126,9 @@ class FaceCapture:
         K = self.camera_matrix(w, h)
         timings = {}
         t0 = time.perf_counter()
-        if self.settings.static:
+        if self.settings.static:  # every photo its own face: fresh identity and tracking
             self.tracker.reset()
+            self._new_fitter()
         landmarks = self.tracker.track(image)
         t1 = time.perf_counter()
         timings["landmarks"] = t1 - t0
@@ -141,9 +146,7 @@ class FaceCapture:
             return {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
 
         passes = self.settings.photo_passes if self.settings.static else 1
-        for _ in range(passes):
-            if self.settings.static:
-                self.fitter.lose_track()
+        for _ in range(passes):  # on a photo, identity and expression alternate over the passes
             fit = self.fitter.fit(landmarks, K, pin=pin)
         if not np.array_equal(fit.identity, self._identity_of_mesh):
             self._update_identity_mesh()

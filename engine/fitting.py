@@ -38,6 +38,8 @@ class LandmarkBasis:
     identity_xyz: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
+        for name in ("mean", "identity", "expression", "weight"):
+            object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
         # coordinate-major copies (3, M, N) and (3, K, N) make the Jacobians a few fused multiplies
         object.__setattr__(self, "expression_xyz", np.ascontiguousarray(np.moveaxis(self.expression, 2, 0)))
         object.__setattr__(self, "identity_xyz", np.ascontiguousarray(np.moveaxis(self.identity, 2, 0)))
@@ -150,11 +152,12 @@ def _pose_jacobian(RP: np.ndarray, R: np.ndarray, cu: np.ndarray, cv: np.ndarray
     With gu = R cu (the camera-space gradient of u), du = gu · (δω × RP) = δω · (RP × gu).
     """
     N = cu.shape[0]
-    gu, gv = cu @ R.T, cv @ R.T
-    out[:3, :N] = np.cross(RP, gu).T
-    out[:3, N:] = np.cross(RP, gv).T
-    out[3:, :N] = gu.T
-    out[3:, N:] = gv.T
+    for rows, c in ((slice(0, N), cu), (slice(N, 2 * N), cv)):
+        g = c @ R.T
+        out[0, rows] = RP[:, 1] * g[:, 2] - RP[:, 2] * g[:, 1]
+        out[1, rows] = RP[:, 2] * g[:, 0] - RP[:, 0] * g[:, 2]
+        out[2, rows] = RP[:, 0] * g[:, 1] - RP[:, 1] * g[:, 0]
+        out[3:, rows] = g.T
 
 
 def _residual(X: np.ndarray, landmarks_px: np.ndarray, K: np.ndarray, cm_per_px: float) -> np.ndarray:
@@ -217,25 +220,29 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
 
 def _bounded_step(H: np.ndarray, g: np.ndarray, e: np.ndarray | None,
                   lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> np.ndarray:
-    """Solve H δ = -g with lower ≤ e + δ_e ≤ upper: variables that would leave the
-    box are clamped at the bound and the rest re-solved (a small active-set loop)."""
-    delta = -np.linalg.solve(H, g)
+    """Solve H δ = -g with lower ≤ e + δ_e ≤ upper (a small active-set loop).
+
+    Pinned weights (lower == upper) start fixed; weights the step would carry
+    out of the box are clamped at the bound and the rest re-solved.
+    """
     if e is None:
-        return delta
-    lower = 0.0 if lower is None else lower
-    upper = 1.0 if upper is None else upper
-    n_pose = 6
+        return -np.linalg.solve(H, g)
+    lower = np.zeros_like(e) if lower is None else lower
+    upper = np.ones_like(e) if upper is None else upper
+    n_pose = len(g) - len(e)
     fixed = np.zeros(len(g), dtype=bool)
-    for _ in range(3):
+    fixed[n_pose:] = lower == upper
+    delta = np.zeros(len(g))
+    for _ in range(4):
+        free = ~fixed
+        delta[n_pose:][fixed[n_pose:]] = np.clip(e + delta[n_pose:], lower, upper)[fixed[n_pose:]] - e[fixed[n_pose:]]
+        rhs = -g[free] - H[np.ix_(free, fixed)] @ delta[fixed]
+        delta[free] = np.linalg.solve(H[np.ix_(free, free)], rhs)
         new = e + delta[n_pose:]
-        leaving = (new < lower - 1e-12) | (new > upper + 1e-12)
+        leaving = ((new < lower) | (new > upper)) & ~fixed[n_pose:]
         if not leaving.any():
             break
         fixed[n_pose:] |= leaving
-        delta[n_pose:] = np.where(fixed[n_pose:], np.clip(new, lower, upper) - e, delta[n_pose:])
-        free = ~fixed
-        rhs = -g[free] - H[np.ix_(free, fixed)] @ delta[fixed]
-        delta[free] = np.linalg.solve(H[np.ix_(free, free)], rhs)
     return delta
 
 

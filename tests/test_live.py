@@ -1,0 +1,75 @@
+"""`capture live` without a webcam: a recorded video stands in for the camera."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import capture.sources as sources
+from capture import cli
+from capture.sinks import load_track, read_livelink_csv
+
+VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "d12.mp4"
+pytestmark = pytest.mark.skipif(not VIDEO.exists(), reason=f"shared video missing: {VIDEO}")
+
+
+class FakeCamera(sources.VideoSource):
+    """A video played as a live camera: frames come at the video's own rate."""
+
+    def __init__(self, index, width=None, height=None, fps=None):
+        super().__init__(VIDEO)
+        self.live = True
+
+    def __iter__(self):
+        start = time.monotonic()
+        for frame in super().__iter__():
+            delay = frame.time_s - (time.monotonic() - start)
+            if delay > 0:
+                time.sleep(delay)
+            yield frame
+
+
+def test_live_capture_records_a_take(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sources, "CameraSource", FakeCamera)
+    out = tmp_path / "live"
+    status = cli.main(["live", "--camera", "0", "--out", str(out), "--max-frames", "25", "--quiet"])
+    assert status == 0, capsys.readouterr().err
+    track = load_track(out / "track.npz")
+    assert len(track["frame_index"]) == 25
+    assert track["face_found"].all()
+    # live mode may drop stale frames, but indices only ever increase
+    assert np.all(np.diff(track["frame_index"]) > 0)
+    _, shapes, _ = read_livelink_csv(out / "blendshapes.csv")
+    assert shapes.shape == (25, 52)
+    assert not (out / "meshes").exists()  # live writes no meshes unless asked
+
+
+def test_live_without_camera_is_one_line_error(capsys):
+    status = cli.main(["live", "--camera", "97", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert len(err) == 1 and err[0].startswith("capture: error:") and "97" in err[0]
+
+
+def test_preview_overlay_draws_mesh_over_picture():
+    from capture.pipeline import CaptureSettings, FaceCapture
+    from capture.preview import draw_overlay
+    from engine.correspondence import LandmarkCorrespondence
+    from engine.facemodel import FaceModel
+
+    model = FaceModel.load()
+    fc = FaceCapture(model, LandmarkCorrespondence.load(), CaptureSettings())
+    frame = next(iter(sources.VideoSource(VIDEO)))
+    result = fc.process(frame.image, frame.time_s, frame.index)
+    assert result.face_found
+    drawn = draw_overlay(frame.image, fc, result, model.triangles[:2000])
+    changed = np.any(drawn[:, :, ::-1] != frame.image, axis=2)
+    box = result.landmarks68
+    x0, y0 = box.min(axis=0).astype(int)
+    x1, y1 = box.max(axis=0).astype(int)
+    inside = changed[y0:y1, x0:x1].mean()
+    outside = changed.mean() - changed[y0:y1, x0:x1].sum() / changed.size
+    assert inside > 0.05  # the wireframe covers the face
+    assert inside > 5 * outside  # and stays on it
