@@ -10,7 +10,9 @@ Three measurements, all on the same video and all in one run:
    TakeWriter into a temporary folder, so 'write' is real file output) over
    the video and reports median and p95 milliseconds of decode, landmarks,
    fit, filter, write and their per-frame sum ("total"), skipping the first
-   --warmup frames (MediaPipe graph start-up, numba cache load).
+   --warmup frames (MediaPipe graph start-up, numba cache load).  A third
+   worker repeats the 1-core run with --mesh-format none, to show what the
+   per-frame mesh files cost.
 2. Baseline, measured in the same worker right after: bare MediaPipe
    FaceMesh(refine_landmarks=True).process() on the same frames, decoded
    sequentially on the main thread (which also gives an "isolated decode"
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -116,10 +119,14 @@ def worker(args) -> int:
 
     out_dir = Path(args.out_dir)
     source = VideoSource(args.video)
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    t_run = time.perf_counter()
     try:
         summary = run_take(source, capture, out_dir, args.mesh_format, progress=False,
                            max_frames=args.frames, on_result=on_result)
     finally:
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        run_wall_s = time.perf_counter() - t_run
         capture.close()
         source.close()
     n = summary.frames
@@ -142,6 +149,10 @@ def worker(args) -> int:
     result["wall_s"] = summary.wall_s
     result["steady_fps"] = ((n - warm - 1) / (done_at[-1] - done_at[warm])
                             if n - warm >= 2 and done_at[-1] > done_at[warm] else float("nan"))
+    result["cpu_s"] = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
+    result["cpu_share"] = result["cpu_s"] / run_wall_s  # process CPU seconds per wall second
+    result["sys_s"] = usage1.ru_stime - usage0.ru_stime
+    result["nivcsw"] = usage1.ru_nivcsw - usage0.ru_nivcsw
     result["out_bytes"] = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     shutil.rmtree(out_dir, ignore_errors=True)  # free the disk before the next measurement
 
@@ -178,12 +189,11 @@ def worker(args) -> int:
 # parent: starts the workers and the CLI runs, prints the tables
 # --------------------------------------------------------------------------
 
-def run_worker(args, cores: list[int], tmp: Path) -> dict:
-    res_path = tmp / f"worker_{len(cores)}.json"
+def run_worker(args, key: str, cores: list[int], mesh_format: str, tmp: Path) -> dict:
+    res_path = tmp / f"worker_{key}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "--cores",
-           ",".join(map(str, cores)), "--video", str(args.video), "--mesh-format", args.mesh_format,
-           "--warmup", str(args.warmup), "--_result", str(res_path),
-           "--_out-dir", str(tmp / f"take_{len(cores)}")]
+           ",".join(map(str, cores)), "--video", str(args.video), "--mesh-format", mesh_format,
+           "--warmup", str(args.warmup), "--_result", str(res_path), "--_out-dir", str(tmp / f"take_{key}")]
     if args.frames is not None:
         cmd += ["--frames", str(args.frames)]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), preexec_fn=pinned(cores),
@@ -195,104 +205,139 @@ def run_worker(args, cores: list[int], tmp: Path) -> dict:
 
 
 def run_cli(args, cores: list[int], mesh_format: str, tmp: Path) -> dict:
+    """One `capture video` run pinned to cores; wall clock from spawn to exit."""
     out = tmp / f"cli_{len(cores)}_{mesh_format}"
     cmd = [str(args.capture), "video", str(args.video), "--out", str(out), "--quiet",
            "--mesh-format", mesh_format]
     if args.frames is not None:
         cmd += ["--max-frames", str(args.frames)]
+    os.sync()  # earlier runs' dirty pages must not throttle this one's writes
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), preexec_fn=pinned(cores),
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"`{' '.join(cmd)}` failed (exit {proc.returncode})")
     # the CLI's own last line: "N frames, M with a face, X frames/s -> DIR"
     line = next((l for l in reversed(proc.stderr.splitlines()) if " frames, " in l), "")
     frames = int(line.split()[0]) if line[:1].isdigit() else None
-    reported = None
-    if "frames/s" in line:
-        reported = float(line.split(" frames/s")[0].rsplit(",", 1)[1])
-    shutil.rmtree(out, ignore_errors=True)
+    reported = float(line.split(" frames/s")[0].rsplit(",", 1)[1]) if "frames/s" in line else float("nan")
     return {"wall_s": wall, "frames": frames, "reported_fps": reported}
+
+
+def median_runs(runs: list[dict]) -> dict:
+    """The median wall time and CLI-reported frames/s over repeated runs of one configuration."""
+    import numpy as np
+
+    return {"wall_s": float(np.median([r["wall_s"] for r in runs])), "frames": runs[0]["frames"],
+            "reported_fps": float(np.median([r["reported_fps"] for r in runs])),
+            "wall_min_s": min(r["wall_s"] for r in runs), "wall_max_s": max(r["wall_s"] for r in runs)}
 
 
 def fmt(x: float, width: int = 8, digits: int = 2) -> str:
     return f"{x:{width}.{digits}f}" if x == x else f"{'n/a':>{width}}"
 
 
-def report(args, workers: dict, cli: list, wall_total: float) -> None:
+def report(args, workers: dict, cli: list, wall_total: float, load: tuple) -> None:
     labels = list(workers)
     print()
     print("capture pipeline benchmark")
     print(f"video        {args.video}")
     w0 = workers[labels[0]]
-    print(f"frames       {w0['frames']} ({w0['faces']} with a face); statistics over frames "
-          f"{w0['warmup']}.. with a face ({w0['stat_frames']} frames), first {w0['warmup']} skipped as warm-up")
-    print(f"mesh format  {args.mesh_format};  {', '.join(f'{v}=1' for v in THREAD_VARS)} "
-          f"(as `capture` sets)")
-    print(f"cpu          {cpu_name()}, {os.cpu_count()} logical CPUs")
+    print(f"frames       {w0['frames']} ({w0['faces']} with a face); latency statistics over the "
+          f"{w0['stat_frames']} frames with a face after the first {w0['warmup']} (warm-up)")
+    print(f"threads      {', '.join(f'{v}=1' for v in THREAD_VARS)} (as `capture` sets); "
+          f"'N core(s)' = sched_setaffinity to N CPUs")
+    print(f"cpu          {cpu_name()}, {os.cpu_count()} logical CPUs; load average "
+          f"{load[0]:.2f} before, {load[1]:.2f} after (other processes on these CPUs add noise)")
     print()
 
-    print("1. per-stage latency, ms per frame (run_take in-process, pinned with sched_setaffinity)")
-    head = f"  {'stage':<34}" + "".join(f"{lab + ' median':>16}{'p95':>9}" for lab in labels)
-    print(head)
-    rows = [(s, s) for s in STAGES] + [("total (sum of stages)", "total")]
+    print("1. per-stage latency, ms per frame (run_take in-process: reader thread, FaceCapture, TakeWriter)")
+    print(f"  {'':<36}" + "".join(f"{lab:>25}" for lab in labels))
+    print(f"  {'stage':<36}" + "".join(f"{'median':>16}{'p95':>9}" for _ in labels))
+    rows = [(s, s) for s in STAGES] + [("total per frame (sum of stages)", "total")]
     for name, key in rows:
-        line = f"  {name:<34}"
+        line = f"  {name:<36}"
         for lab in labels:
             med, p95 = stats_ms(workers[lab]["pipeline"][key])
             line += f"{fmt(med, 16)}{fmt(p95, 9)}"
         print(line)
+    print("  -- for reference")
     extra = [("frame interval (wall, overlapped)", "interval"),
-             ("decode, isolated (main thread)", "decode_isolated"),
+             ("decode, isolated (main thread only)", "decode_isolated"),
              ("bare MediaPipe FaceMesh (baseline)", "bare_mediapipe")]
     for name, key in extra:
-        line = f"  {name:<34}"
+        line = f"  {name:<36}"
         for lab in labels:
             med, p95 = stats_ms(workers[lab][key])
             line += f"{fmt(med, 16)}{fmt(p95, 9)}"
         print(line)
-    print()
-
-    print("2. against the baseline measured in this run (bare MediaPipe FaceMesh, refine_landmarks=True)")
+    line = f"  {'cpu s / wall s (1.0 per core = busy)':<36}"
     for lab in labels:
         w = workers[lab]
-        tot, _ = stats_ms(w["pipeline"]["total"])
-        lm, _ = stats_ms(w["pipeline"]["landmarks"])
-        mp, _ = stats_ms(w["bare_mediapipe"])
-        print(f"  {lab}: total pipeline / bare MediaPipe = {tot / mp:.2f}x   "
-              f"landmarks stage / bare MediaPipe = {lm / mp:.2f}x   "
-              f"(bare MediaPipe found a face in {w['bare_faces']} frames)")
+        line += f"{w['cpu_share']:>16.2f}{'':>9}"
+    print(line)
+    line = f"  {'output MB (meshes, csv, track)':<36}"
+    for lab in labels:
+        line += f"{workers[lab]['out_bytes'] / 1e6:>16.0f}{'':>9}"
+    print(line)
+    print()
+
+    print("2. ratio to the baseline measured in this run: bare MediaPipe FaceMesh(refine_landmarks=True).process")
+    for lab in labels:
+        w = workers[lab]
+        tot, tot95 = stats_ms(w["pipeline"]["total"])
+        lm, lm95 = stats_ms(w["pipeline"]["landmarks"])
+        mp, mp95 = stats_ms(w["bare_mediapipe"])
+        print(f"  {lab:<24} total / MediaPipe  {tot / mp:5.2f}x median {tot95 / mp95:5.2f}x p95    "
+              f"landmarks stage / MediaPipe  {lm / mp:4.2f}x median {lm95 / mp95:4.2f}x p95")
     print("  for scale (quoted in the issue, not measured here): "
           + ", ".join(f"{k} ~{v:g} ms" for k, v in QUOTED_MS.items()))
     print()
 
     print("3. frames/s")
-    print(f"  {'in-process run_take':<46}{'frames/wall_s':>15}{'steady (after warm-up)':>24}{'load s':>8}")
+    print(f"  {'in-process run_take':<46}{'frames/wall_s':>14}{'after warm-up':>15}{'model load s':>14}")
     for lab in labels:
         w = workers[lab]
-        print(f"  {lab + ', --mesh-format ' + args.mesh_format:<46}"
-              f"{fmt(w['frames'] / w['wall_s'], 15, 1)}{fmt(w['steady_fps'], 24, 1)}"
-              f"{fmt(w['load_s'], 8, 2)}")
-    print(f"  {'`capture video` (wall clock incl. start-up)':<46}{'frames/s':>15}{'wall s':>10}"
-          f"{'CLI-reported frames/s':>24}")
-    for lab, fmt_name, r in cli:
-        fps = r["frames"] / r["wall_s"] if r["frames"] else float("nan")
-        print(f"  {lab + ', --mesh-format ' + fmt_name:<46}{fmt(fps, 15, 1)}{fmt(r['wall_s'], 10, 2)}"
-              f"{fmt(r['reported_fps'] if r['reported_fps'] is not None else float('nan'), 24, 1)}")
+        print(f"  {lab:<46}{fmt(w['frames'] / w['wall_s'], 14, 1)}{fmt(w['steady_fps'], 15, 1)}"
+              f"{fmt(w['load_s'], 14, 2)}")
+    if cli:
+        print(f"  {'`capture video` (wall clock incl. start-up)':<46}{'frames/s':>14}"
+              f"{'wall s':>15}{'CLI-reported':>14}{'wall s min-max':>17}")
+        for lab, mesh_format, r in cli:
+            fps = r["frames"] / r["wall_s"] if r["frames"] else float("nan")
+            print(f"  {lab + ', --mesh-format ' + mesh_format:<46}{fmt(fps, 14, 1)}{fmt(r['wall_s'], 15, 2)}"
+                  f"{fmt(r['reported_fps'], 14, 1)}{r['wall_min_s']:>10.2f}-{r['wall_max_s']:.2f}")
+        print("  (CLI-reported = the frames/s `capture video` prints itself: frames / run_take wall time,"
+              " without start-up)")
+        if args.repeat > 1:
+            print(f"  (median of {args.repeat} runs each, interleaved)")
     print()
 
-    one = workers.get("1 core")
+    one = workers.get(f"1 core, {args.mesh_format}")
     if one is not None:
         med, p95 = stats_ms(one["pipeline"]["total"])
+        iv, _ = stats_ms(one["interval"])
         verdict = "MEETS" if med < TARGET_MS else "MISSES"
-        print(f"4. target: 1-core median total per frame {med:.2f} ms (p95 {p95:.2f} ms) "
-              f"{verdict} the {TARGET_MS:g} ms target")
+        print(f"4. target: 1-core median total per frame {med:.2f} ms (p95 {p95:.2f} ms), "
+              f"--mesh-format {args.mesh_format}: {verdict} the {TARGET_MS:g} ms target "
+              f"(wall per frame {iv:.2f} ms)")
         stage_meds = {s: stats_ms(one["pipeline"][s])[0] for s in STAGES}
-        top = max(stage_meds, key=stage_meds.get)
-        print(f"   largest 1-core stage: {top} ({stage_meds[top]:.2f} ms median, "
-              f"{100 * stage_meds[top] / med:.0f}% of the total)")
+        order = sorted(stage_meds, key=stage_meds.get, reverse=True)
+        print("   1-core stages by median: " + ", ".join(
+            f"{s} {stage_meds[s]:.2f} ms ({100 * stage_meds[s] / med:.0f}%)" for s in order))
+        nomesh = workers.get("1 core, none")
+        if nomesh is not None and args.mesh_format != "none":
+            m2, p2 = stats_ms(nomesh["pipeline"]["total"])
+            print(f"   without mesh files (--mesh-format none): {m2:.2f} ms median (p95 {p2:.2f} ms): "
+                  f"{'MEETS' if m2 < TARGET_MS else 'MISSES'} the target")
+    starved = [lab for lab in labels if lab.startswith("1 core") and workers[lab]["cpu_share"] < 0.9]
+    if starved:
+        print(f"\nWARNING: the 1-core runs ({', '.join(starved)}) got less than 90% of their core "
+              f"(cpu s / wall s above): other processes competed for it and every figure is inflated. "
+              f"Re-run on an idle machine.")
     print(f"\n(benchmark wall time {wall_total:.0f} s)")
 
 
@@ -307,10 +352,10 @@ def cpu_name() -> str:
 
 
 def parse_args(argv=None):
+    doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:-1]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="The whole default run (d10.mp4, 448 frames) takes about 1.5-2 minutes.")
+        description="\n\n".join(doc[:-1]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc[-1] + "  The default run (d10.mp4, 448 frames) takes about 1.5 minutes.")
     p.add_argument("video", nargs="?", type=Path, default=None,
                    help=f"video to process (default: ../shared/data/videos/d10.mp4 beside the repo, "
                         f"i.e. {DEFAULT_VIDEO})")
@@ -319,16 +364,20 @@ def parse_args(argv=None):
                    help="process at most N frames of the video (default: all)")
     p.add_argument("--mesh-format", choices=("obj", "ply", "none"), default="obj",
                    help="mesh files written in the per-stage runs (default: obj, as `capture video`); "
-                        "the end-to-end runs always do the default and 'none'")
+                        "a 1-core run with 'none' is added for comparison; the end-to-end runs always "
+                        "time obj and none")
     p.add_argument("--warmup", type=int, default=10,
                    help="first frames left out of the latency statistics (default: 10)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each end-to-end `capture video` configuration, interleaved; the median "
+                        "wall time is reported (default: 3)")
     p.add_argument("--out", type=Path, default=None,
                    help="scratch folder for the outputs (default: a temporary folder, deleted at the end; "
                         "a given folder is kept, but each take in it is deleted once measured)")
-    p.add_argument("--cores", default=None, help=argparse.SUPPRESS)
     p.add_argument("--skip-cli", action="store_true", help="skip the end-to-end `capture video` runs")
     p.add_argument("--capture", type=Path, default=REPO / ".venv" / "bin" / "capture",
                    help="the capture executable for the end-to-end runs (default: .venv/bin/capture)")
+    p.add_argument("--cores", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_result", dest="result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_out-dir", dest="out_dir", default=None, help=argparse.SUPPRESS)
@@ -338,6 +387,8 @@ def parse_args(argv=None):
         p.error("--frames must be at least 2")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
     return args
 
 
@@ -348,14 +399,18 @@ def main(argv=None) -> int:
     if not args.video.is_file():
         raise SystemExit(f"bench: video not found: {args.video}")
     start = time.perf_counter()
-    configs = []
+    load_before = os.getloadavg()[0]
+    core_sets = {}
     for n in (1, 2):
         cores = pick_cores(n)
         if cores is None:
             print(f"bench: only {len(os.sched_getaffinity(0))} CPU(s) available, skipping the {n}-core runs",
                   file=sys.stderr)
             continue
-        configs.append((f"{n} core" + ("s" if n > 1 else ""), cores))
+        core_sets[f"{n} core" + ("s" if n > 1 else "")] = cores
+    configs = [(f"{lab}, {args.mesh_format}", cores, args.mesh_format) for lab, cores in core_sets.items()]
+    if args.mesh_format != "none" and "1 core" in core_sets:
+        configs.append(("1 core, none", core_sets["1 core"], "none"))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         tmp_ctx = None
@@ -365,20 +420,26 @@ def main(argv=None) -> int:
         tmp = Path(tmp_ctx.name)
     try:
         workers = {}
-        for label, cores in configs:
-            print(f"bench: per-stage run on {label} {cores} ...", file=sys.stderr, flush=True)
-            workers[label] = run_worker(args, cores, tmp)
+        for i, (label, cores, mesh_format) in enumerate(configs):
+            print(f"bench: per-stage run, {label} {cores} ...", file=sys.stderr, flush=True)
+            os.sync()
+            workers[label] = run_worker(args, str(i), cores, mesh_format, tmp)
         cli = []
         if not args.skip_cli:
-            for label, cores in configs:
-                for mesh_format in ("obj", "none"):
-                    print(f"bench: `capture video --mesh-format {mesh_format}` on {label} {cores} ...",
-                          file=sys.stderr, flush=True)
-                    cli.append((label, mesh_format, run_cli(args, cores, mesh_format, tmp)))
+            cli_configs = [(label, cores, mesh_format) for label, cores in core_sets.items()
+                           for mesh_format in ("obj", "none")]
+            runs = {i: [] for i in range(len(cli_configs))}
+            for r in range(args.repeat):  # round-robin, so slow drift hits every configuration alike
+                for i, (label, cores, mesh_format) in enumerate(cli_configs):
+                    print(f"bench: `capture video --mesh-format {mesh_format}` on {label} {cores}, "
+                          f"run {r + 1}/{args.repeat} ...", file=sys.stderr, flush=True)
+                    runs[i].append(run_cli(args, cores, mesh_format, tmp))
+            cli = [(label, mesh_format, median_runs(runs[i]))
+                   for i, (label, cores, mesh_format) in enumerate(cli_configs)]
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
-    report(args, workers, cli, time.perf_counter() - start)
+    report(args, workers, cli, time.perf_counter() - start, (load_before, os.getloadavg()[0]))
     return 0
 
 

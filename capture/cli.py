@@ -18,6 +18,8 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from capture.console import NativeStderrFilter  # noqa: E402
+
 EPILOG = """\
 outputs (in --out DIR):
   blendshapes.csv   Live Link Face CSV: Timecode, BlendShapeCount (61), the 52 ARKit shapes,
@@ -128,12 +130,14 @@ def cmd_video(args) -> int:
 
     source = VideoSource(args.input)
     out = args.out or _default_out(args.input)
-    capture = _load_capture(args, static=False)
     try:
-        summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
-                           max_frames=args.max_frames)
+        capture = _load_capture(args, static=False)
+        try:
+            summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
+                               max_frames=args.max_frames)
+        finally:
+            capture.close()
     finally:
-        capture.close()
         source.close()
     _report(summary, out)
     return 0
@@ -164,7 +168,11 @@ def cmd_live(args) -> int:
     from capture.sources import CameraSource
 
     source = CameraSource(args.camera, args.width, args.height)
-    capture = _load_capture(args, static=False)
+    try:
+        capture = _load_capture(args, static=False)
+    except BaseException:
+        source.close()
+        raise
     preview = Preview(capture, f"capture: camera {args.camera}") if args.preview else None
     try:
         summary = run_take(source, capture, args.out, args.mesh_format, progress=not args.quiet,
@@ -189,6 +197,8 @@ def cmd_model_import(args) -> int:
     from engine.model_import import import_facexmodel
 
     out = args.out or Path(os.environ.get(ENV_FACE_MODEL) or DEFAULT_FACE_MODEL)
+    if not args.folder.is_dir():
+        raise CaptureError(f"not a folder: {args.folder}")
     with tqdm(unit="file", desc="importing") as bar:
         def progress(done, total):
             bar.total = total
@@ -208,7 +218,8 @@ def main(argv=None) -> int:
     handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live}
     handler = cmd_model_import if args.command == "model" else handlers[args.command]
     try:
-        return handler(args)
+        with NativeStderrFilter():
+            return handler(args)
     except (CaptureError, SourceError, FaceModelError, ModelImportError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -21,7 +21,8 @@ from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points
 from engine.filters import OneEuroFilter
 from engine.fitting import FitSettings, LandmarkBasis, TakeFitter
-from engine.gaze import IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, eye_look_weights, gaze_angles
+from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, eye_look_weights, gaze_angles, gaze_visibility,
+                         lid_aperture)
 from engine.pose import FRONTAL, default_camera_matrix, head_rotation, rodrigues, rotation_to_axis_angle, yaw_pitch_roll
 
 STAGES = ("decode", "landmarks", "fit", "filter", "write")
@@ -39,9 +40,9 @@ class CaptureSettings:
     photo_passes: int = 4           # fit passes over one photo (identity and expression alternate)
     expression_cutoff_hz: float = 1.5
     expression_beta: float = 2.0
-    pose_cutoff_hz: float = 1.0
-    rotation_beta: float = 1.5
-    translation_beta: float = 0.3
+    pose_cutoff_hz: float = 1.5     # tuned on d10/d12/d14: lag ≤ 1.6% of the eye distance (median)
+    rotation_beta: float = 30.0     # per rad/s
+    translation_beta: float = 3.0   # per cm/s
 
 
 @dataclass
@@ -82,8 +83,8 @@ class FaceCapture:
         # iris landmarks take no part in the lid/face fit: the eyeballs are rigid in the model
         self.basis = LandmarkBasis.from_correspondence(model, correspondence, exclude=IRIS_LANDMARKS)
         self.landmarks68 = Landmarks68(model, self.basis.identity.shape[0])
-        self._iris_rest = barycentric_points(model.neutral, model.triangles, correspondence.triangle,
-                                             correspondence.barycentric)[list(IRIS_CENTRES)]
+        iris = list(IRIS_CENTRES)
+        self._iris_surface = (correspondence.triangle[iris], correspondence.barycentric[iris])
         self._arkit = model.arkit_mapping()
         self._look = {name: model.expression_names.index(name) for name in
                       eye_look_weights(np.zeros((2, 2)))}
@@ -115,7 +116,8 @@ class FaceCapture:
             return
         self._identity_mesh = self.model.vertices(identity.astype(np.float32))
         self._identity_of_mesh = identity.copy()
-        self.eyes = EyeModel.from_model(self.model, self._identity_mesh, self._iris_rest)
+        iris = barycentric_points(self._identity_mesh, self.model.triangles, *self._iris_surface)
+        self.eyes = EyeModel.from_model(self.model, self._identity_mesh, iris)
 
     def camera_matrix(self, width: int, height: int) -> np.ndarray:
         return default_camera_matrix(width, height, self.settings.focal_px)
@@ -129,6 +131,7 @@ class FaceCapture:
         if self.settings.static:  # every photo its own face: fresh identity and tracking
             self.tracker.reset()
             self._new_fitter()
+            self._update_identity_mesh()
         landmarks = self.tracker.track(image)
         t1 = time.perf_counter()
         timings["landmarks"] = t1 - t0
@@ -141,8 +144,10 @@ class FaceCapture:
             return result
         gaze = {}
 
+        visible = np.array([[gaze_visibility(lid_aperture(landmarks, i))] for i in self.eyes.iris_landmark])
+
         def pin(R, t):
-            gaze["angles"] = gaze_angles(self.eyes, landmarks, R, t, K)
+            gaze["angles"] = gaze_angles(self.eyes, landmarks, R, t, K) * visible
             return {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
 
         passes = self.settings.photo_passes if self.settings.static else 1

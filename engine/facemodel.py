@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class FaceModel:
                     uv=d["uv"].astype(np.float32),
                     triangle_uv=d["triangle_uv"].astype(np.int32),
                 )
-        except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
             raise FaceModelError(f"face model {path} is not a valid model archive: {exc}") from exc
         model._check()
         return model

@@ -93,6 +93,8 @@ class FitSettings:
     iterations: int = 3                # Gauss-Newton steps per tracked frame
     first_iterations: int = 12         # steps when (re)starting without a previous pose
     identity_frames: int = 40          # frames with a face before identity locks
+    identity_prior_joint: float = 0.05  # for the whole take, in the joint solve at lock time
+    identity_rounds: int = 3           # rounds of the joint solve over the stored frames
 
 
 @dataclass
@@ -275,6 +277,7 @@ class TakeFitter:
     _b: np.ndarray | None = None
     _frames_for_identity: int = 0
     _previous: FitResult | None = None
+    _kept: list = field(default_factory=list)
 
     def __post_init__(self):
         k = self.basis.identity.shape[0]
@@ -312,21 +315,48 @@ class TakeFitter:
             prev_e = e
         lower, upper = np.zeros(M), np.ones(M)
         if pin is not None:
+            if self._previous is not None:  # the pin needs this frame's pose, not the last one's
+                R, t, _, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
+                                                solve_expression=False)
             for index, value in pin(R, t).items():
                 lower[index] = upper[index] = value
         R, t, e, rms = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, iterations,
                                           previous_expression=prev_e, lower=lower, upper=upper)
         if not self.identity_locked:
+            # a running estimate with a firm prior while few frames are in...
             A, b = identity_normal_equations(self.basis, landmarks_px, K, R, t, e, self.identity)
             self._A += A
             self._b += b
             self._frames_for_identity += 1
             n = self._frames_for_identity
+            self._kept.append([landmarks_px, K, R, t, e, lower, upper])
             self.identity = np.linalg.solve(self._A + s.identity_prior * n * np.eye(len(self._b)), self._b)
+            if n >= s.identity_frames:
+                # ...then one joint solve over every kept frame, and the identity locks
+                self.identity = self._joint_identity()
+                self.identity_locked = True
+                self._kept = []
             R, t, e, rms = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
                                               previous_expression=prev_e, lower=lower, upper=upper)
-            if n >= s.identity_frames:
-                self.identity_locked = True
         result = FitResult(R, t, e, self.identity.copy(), rms)
         self._previous = result
         return result
+
+    def _joint_identity(self) -> np.ndarray:
+        """Alternate between refitting every kept frame's pose and expression and
+        solving the identity they share, under the take-wide prior."""
+        s = self.settings
+        identity = self.identity
+        for _ in range(s.identity_rounds):
+            A = s.identity_prior_joint * np.eye(len(identity))
+            b = np.zeros(len(identity))
+            for frame in self._kept:
+                landmarks_px, K, R, t, e, lower, upper = frame
+                R, t, e, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, identity, s, 2,
+                                                lower=lower, upper=upper)
+                frame[2:5] = R, t, e
+                Ai, bi = identity_normal_equations(self.basis, landmarks_px, K, R, t, e, identity)
+                A += Ai
+                b += bi
+            identity = np.linalg.solve(A, b)
+        return identity

@@ -22,6 +22,12 @@ from engine.facemodel import FaceModel
 IRIS_CENTRES = (468, 473)
 IRIS_LANDMARKS = tuple(range(468, 478))
 
+#: MediaPipe eye contour points per eye: two corners, then the mid upper and lower lid.
+EYE_LIDS = ((33, 133, 159, 145), (362, 263, 386, 374))
+#: Lid aperture (gap / width) below which gaze fades out, and above which it is fully trusted.
+CLOSED_APERTURE = 0.12
+OPEN_APERTURE = 0.22
+
 #: Gaze angle at which an ARKit eyeLook value reaches 1 (radians).
 FULL_LOOK_YAW = np.radians(30.0)
 FULL_LOOK_PITCH = np.radians(25.0)
@@ -41,18 +47,21 @@ class EyeModel:
     @classmethod
     def from_model(cls, model: FaceModel, vertices: np.ndarray, iris_points_model: np.ndarray) -> "EyeModel":
         """Eyeballs of a mesh (V, 3); iris_points_model (2, 3) where the two iris
-        landmarks (IRIS_CENTRES order) sit on the rest mesh, to tell left from right."""
+        landmarks (IRIS_CENTRES order) sit on this mesh. Gaze at rest points from
+        each eyeball centre through its iris landmark, so a face looking the way
+        the model does reads as gaze 0."""
+        # the subject's left eye has +x; order the iris landmarks to match
+        left_first = iris_points_model[0, 0] > iris_points_model[1, 0]
+        order = np.array(IRIS_CENTRES) if left_first else np.array(IRIS_CENTRES[::-1])
+        iris = iris_points_model if left_first else iris_points_model[::-1]
         centres, radii, rests = [], [], []
-        for side in ("Left", "Right"):
+        for side, p_iris in zip(("Left", "Right"), iris):
             sclera = np.unique(model.triangles[model.triangle_material == model.materials.index("M_Sclera" + side)])
             p = vertices[sclera]
             c = p.mean(axis=0)
-            front = p[np.argmax(p[:, 2])] - c
             centres.append(c)
-            radii.append(np.linalg.norm(p - c, axis=1).mean())
-            rests.append(front / np.linalg.norm(front))
-        # the subject's left eye has +x; order the iris landmarks to match
-        order = np.array(IRIS_CENTRES) if iris_points_model[0, 0] > iris_points_model[1, 0] else np.array(IRIS_CENTRES[::-1])
+            radii.append(np.linalg.norm(p_iris - c))  # the iris sits inside the sclera shell
+            rests.append((p_iris - c) / np.linalg.norm(p_iris - c))
         return cls(np.array(centres), np.array(radii), np.array(rests), order)
 
 
@@ -72,10 +81,25 @@ def gaze_angles(eyes: EyeModel, landmarks_px: np.ndarray, R: np.ndarray, t: np.n
         g = R.T @ (s * d - c)
         g /= np.linalg.norm(g)
         g0 = eyes.rest_direction[i]
+        # g = Ry(yaw) Rx(pitch) (0, 0, 1) = (sin yaw cos pitch, -sin pitch, cos yaw cos pitch)
         yaw = np.arctan2(g[0], g[2]) - np.arctan2(g0[0], g0[2])
-        pitch = np.arctan2(-g[1], g[2]) - np.arctan2(-g0[1], g0[2])
+        pitch = np.arcsin(np.clip(-g[1], -1, 1)) - np.arcsin(np.clip(-g0[1], -1, 1))
         out[i] = yaw, pitch
     return out
+
+
+def lid_aperture(landmarks_px: np.ndarray, iris_landmark: int) -> float:
+    """Lid gap over eye width for the eye around an iris landmark (about 0.3 open, under 0.1 shut)."""
+    iris = landmarks_px[iris_landmark, :2]
+    lids = min(EYE_LIDS, key=lambda e: np.linalg.norm((landmarks_px[e[0], :2] + landmarks_px[e[1], :2]) / 2 - iris))
+    c0, c1, up, down = (landmarks_px[j, :2] for j in lids)
+    return float(np.linalg.norm(up - down) / max(np.linalg.norm(c0 - c1), 1e-6))
+
+
+def gaze_visibility(aperture: float) -> float:
+    """How far an eye's gaze can be trusted, 0..1: a closing lid drags MediaPipe's iris
+    down with it, which would read as looking down; a shut eye has no gaze."""
+    return float(np.clip((aperture - CLOSED_APERTURE) / (OPEN_APERTURE - CLOSED_APERTURE), 0.0, 1.0))
 
 
 def eye_look_weights(angles: np.ndarray) -> dict[str, float]:

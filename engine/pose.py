@@ -41,11 +41,13 @@ def rotation_to_axis_angle(R: np.ndarray) -> np.ndarray:
     if theta < 1e-6:
         return w / 2.0
     if np.pi - theta < 1e-4:
-        # near 180°: axis from the symmetric part
-        axis = np.sqrt(np.maximum((np.diag(R) + 1.0) / 2.0, 0.0))
-        i = int(np.argmax(axis))
-        axis = (R[:, i] + np.eye(3)[:, i]) / 2.0
+        # near 180°: the axis from the symmetric part, its sign from the skew part
+        S = (R + R.T) / 2.0
+        i = int(np.argmax(np.diag(S)))
+        axis = (S[:, i] + np.eye(3)[:, i]) / 2.0
         axis /= np.linalg.norm(axis)
+        if axis @ w < 0:
+            axis = -axis
         return axis * theta
     return w * theta / (2.0 * np.sin(theta))
 

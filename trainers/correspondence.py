@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.correspondence import DEFAULT_CORRESPONDENCE_PATH, LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points
+from engine.gaze import IRIS_LANDMARKS
 from engine.landmarks import N_LANDMARKS, MediaPipeLandmarker
 from engine.pose import model_to_camera
 from engine.rasterizer import Fragments, interpolate, rasterize, vertex_normals
@@ -100,8 +101,14 @@ def render(model: FaceModel, vertices_model: np.ndarray, rotation: np.ndarray, t
     return (np.clip(img, 0, 1) ** (1 / 2.2) * 255).astype(np.uint8), frags
 
 
-def landmark_surface_points(frags: Fragments, landmarks_px: np.ndarray, search_px: int = 3):
-    """Triangle id (N,) and barycentrics (N, 3) under each landmark; -1 where none is near."""
+def landmark_surface_points(frags: Fragments, landmarks_px: np.ndarray, on_eyeball: np.ndarray,
+                            is_eyeball: np.ndarray, search_px: int = 4):
+    """Triangle id (N,) and barycentrics (N, 3) under each landmark; -1 where none is near.
+
+    on_eyeball (N,) says which landmarks belong on the eyeballs (the irises) and
+    is_eyeball (T,) which triangles are eyeball: lid landmarks must land on the
+    lids, which move in a blink, never on the rigid eyeball behind them.
+    """
     h, w = frags.triangle_id.shape
     tri = np.full(len(landmarks_px), -1, np.int64)
     bary = np.zeros((len(landmarks_px), 3), np.float32)
@@ -112,7 +119,10 @@ def landmark_surface_points(frags: Fragments, landmarks_px: np.ndarray, search_p
             for dy in range(-r, r + 1):
                 for dx in range(-r, r + 1):
                     px, py = cx + dx, cy + dy
-                    if 0 <= px < w and 0 <= py < h and frags.triangle_id[py, px] >= 0:
+                    if not (0 <= px < w and 0 <= py < h):
+                        continue
+                    t = frags.triangle_id[py, px]
+                    if t >= 0 and is_eyeball[t] == on_eyeball[i]:
                         d = dx * dx + dy * dy
                         if best is None or d < best[0]:
                             best = (d, px, py)
@@ -122,6 +132,12 @@ def landmark_surface_points(frags: Fragments, landmarks_px: np.ndarray, search_p
             tri[i] = frags.triangle_id[best[2], best[1]]
             bary[i] = frags.barycentric[best[2], best[1]]
     return tri, bary
+
+
+def eyeball_triangles(model: FaceModel, tris: np.ndarray) -> np.ndarray:
+    """(len(tris),) True where the triangle is sclera or iris."""
+    eyeball = [model.materials.index(m) for m in ("M_ScleraLeft", "M_ScleraRight", "M_IrisLeft", "M_IrisRight")]
+    return np.isin(model.triangle_material[tris], eyeball)
 
 
 def closest_points_on_mesh(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray):
@@ -193,6 +209,8 @@ def derive(model: FaceModel, n_identities: int = 4, seed: int = 0, size: int = 5
     from tqdm import tqdm
 
     tris = drawn_triangles(model)
+    is_eyeball = eyeball_triangles(model, tris)
+    on_eyeball = np.isin(np.arange(N_LANDMARKS), IRIS_LANDMARKS)
     colours = vertex_colours(model)
     K = np.array([[1200.0, 0, (size - 1) / 2], [0, 1200.0, (size - 1) / 2], [0, 0, 1]])
     t = np.array([0.0, -1.0, 75.0])
@@ -212,7 +230,7 @@ def derive(model: FaceModel, n_identities: int = 4, seed: int = 0, size: int = 5
             if lms is None:
                 continue
             detected += 1
-            tri_local, bary = landmark_surface_points(frags, lms)
+            tri_local, bary = landmark_surface_points(frags, lms, on_eyeball, is_eyeball)
             ok = tri_local >= 0
             tri_global = tris[np.where(ok, tri_local, 0)]
             pts = barycentric_points(rest, model.triangles, tri_global, bary)
@@ -228,8 +246,14 @@ def derive(model: FaceModel, n_identities: int = 4, seed: int = 0, size: int = 5
         s = np.asarray(s)
         centre[i] = np.median(s, axis=0)
         spread[i] = np.median(np.linalg.norm(s - centre[i], axis=1))
-    tri, bary = closest_points_on_mesh(centre, rest, model.triangles[tris])
-    return LandmarkCorrespondence(triangle=tris[tri].astype(np.int32), barycentric=bary.astype(np.float32),
+    triangle = np.zeros(N_LANDMARKS, np.int64)
+    bary = np.zeros((N_LANDMARKS, 3), np.float32)
+    for eyeball in (False, True):
+        rows = np.flatnonzero(on_eyeball == eyeball)
+        allowed = tris[is_eyeball == eyeball]
+        t, b = closest_points_on_mesh(centre[rows], rest, model.triangles[allowed])
+        triangle[rows], bary[rows] = allowed[t], b
+    return LandmarkCorrespondence(triangle=triangle.astype(np.int32), barycentric=bary,
                                   spread_cm=spread.astype(np.float32), n_views=detected)
 
 
