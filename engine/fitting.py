@@ -34,12 +34,14 @@ class LandmarkBasis:
     expression: np.ndarray
     weight: np.ndarray
 
+    weight2: np.ndarray = field(init=False, repr=False)
     expression_xyz: np.ndarray = field(init=False, repr=False)
     identity_xyz: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
         for name in ("mean", "identity", "expression", "weight"):
             object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
+        object.__setattr__(self, "weight2", np.tile(self.weight, 2))  # per residual: all u, then all v
         # coordinate-major copies (3, M, N) and (3, K, N) make the Jacobians a few fused multiplies
         object.__setattr__(self, "expression_xyz", np.ascontiguousarray(np.moveaxis(self.expression, 2, 0)))
         object.__setattr__(self, "identity_xyz", np.ascontiguousarray(np.moveaxis(self.identity, 2, 0)))
@@ -88,7 +90,6 @@ class FitSettings:
     """Weights of the priors, in cm² of landmark error per unit² of weight."""
 
     expression_prior: float = 2e-3     # pulls unobserved shapes towards 0
-    expression_smooth: float = 0.0     # pulls towards the previous frame (filtering does this better)
     identity_prior: float = 0.5        # per frame with a face, against weights ~ N(0, 1)
     iterations: int = 3                # Gauss-Newton steps per tracked frame
     first_iterations: int = 12         # steps when (re)starting without a previous pose
@@ -168,56 +169,69 @@ def _residual(X: np.ndarray, landmarks_px: np.ndarray, K: np.ndarray, cm_per_px:
     return np.concatenate([d[:, 0], d[:, 1]]) * cm_per_px
 
 
+def linearise(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.ndarray, R: np.ndarray, t: np.ndarray,
+              expression: np.ndarray, identity: np.ndarray, solve_expression: bool = True,
+              solve_identity: bool = False):
+    """Weighted residual r (2N,) and Jacobian rows Jt (6 [+ M] [+ K], 2N) at one frame's state.
+
+    Rows: rotation δω (R <- exp(δω) R), translation, then expression, then identity.
+    Units: cm at the face.
+    """
+    M, N, k = basis.expression.shape[0], basis.mean.shape[0], len(identity)
+    w = basis.weight2
+    P = (basis.mean.reshape(-1) + identity @ basis.identity[:k].reshape(k, -1)
+         + expression @ basis.expression.reshape(M, -1)).reshape(N, 3)
+    RP = P @ R.T
+    X = RP + t
+    cm_per_px = X[:, 2].mean() / K[0, 0]
+    r = _residual(X, landmarks_px, K, cm_per_px) * w
+    cu, cv = _camera_gradients(R, X, K, cm_per_px)
+    rows = 6 + (M if solve_expression else 0) + (k if solve_identity else 0)
+    Jt = np.empty((rows, 2 * N))
+    _pose_jacobian(RP, R, cu, cv, Jt[:6])
+    if solve_expression:
+        _model_jacobian(basis.expression_xyz, cu, cv, Jt[6:6 + M])
+    if solve_identity:
+        _model_jacobian(basis.identity_xyz[:, :k], cu, cv, Jt[rows - k:])
+    Jt *= w
+    return r, Jt
+
+
+def landmark_rms_px(basis: LandmarkBasis, landmarks_px, K, R, t, expression, identity) -> float:
+    """Weighted rms distance (px) between the model's projected landmarks and the detections."""
+    X = basis.points(identity, expression) @ R.T + t
+    err2 = np.sum((project(X, K) - landmarks_px) ** 2, axis=1)
+    return float(np.sqrt(np.average(err2, weights=basis.weight)))
+
+
 def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.ndarray,
                        R: np.ndarray, t: np.ndarray, expression: np.ndarray, identity: np.ndarray,
                        settings: FitSettings, iterations: int, solve_expression: bool = True,
-                       previous_expression: np.ndarray | None = None,
                        lower: np.ndarray | None = None, upper: np.ndarray | None = None):
     """Gauss-Newton on pose and bounded expression; returns (R, t, expression, rms_px).
 
     Expression weights stay in [lower, upper] (default [0, 1]); equal bounds pin a weight.
     """
     M = basis.expression.shape[0]
-    N = basis.mean.shape[0]
-    w = np.tile(basis.weight, 2)
     lower = np.zeros(M) if lower is None else lower
     upper = np.ones(M) if upper is None else upper
     e = np.clip(expression, lower, upper)
-    P_id = basis.mean + np.tensordot(identity, basis.identity[: len(identity)], axes=1)
-    E2 = basis.expression.reshape(M, -1)
     n_var = 6 + (M if solve_expression else 0)
-    reg = np.zeros(n_var)
+    reg = np.full(n_var, settings.expression_prior)
     reg[:6] = 1e-6
-    if solve_expression:
-        reg[6:] = settings.expression_prior + settings.expression_smooth
-    Jt = np.empty((n_var, 2 * N))
     for _ in range(iterations):
-        P = P_id + (e @ E2).reshape(-1, 3)
-        RP = P @ R.T
-        X = RP + t
-        cm_per_px = X[:, 2].mean() / K[0, 0]
-        r = _residual(X, landmarks_px, K, cm_per_px) * w
-        cu, cv = _camera_gradients(R, X, K, cm_per_px)
-        _pose_jacobian(RP, R, cu, cv, Jt[:6])
-        if solve_expression:
-            _model_jacobian(basis.expression_xyz, cu, cv, Jt[6:])
-        Jt *= w
+        r, Jt = linearise(basis, landmarks_px, K, R, t, e, identity, solve_expression)
         H = Jt @ Jt.T
         H[np.diag_indices(n_var)] += reg
         g = Jt @ r
         if solve_expression:
             g[6:] += settings.expression_prior * e
-            if settings.expression_smooth and previous_expression is not None:
-                g[6:] += settings.expression_smooth * (e - previous_expression)
         delta = _bounded_step(H, g, e if solve_expression else None, lower, upper)
         R = rodrigues(delta[:3]) @ R
         t = t + delta[3:6]
         if solve_expression:
             e = np.clip(e + delta[6:], lower, upper)
-    X = (P_id + (e @ E2).reshape(-1, 3)) @ R.T + t
-    err2 = np.sum((project(X, K) - landmarks_px) ** 2, axis=1)
-    rms = float(np.sqrt(np.average(err2, weights=basis.weight)))
-    return R, t, e, rms
+    return R, t, e, landmark_rms_px(basis, landmarks_px, K, R, t, e, identity)
 
 
 def _bounded_step(H: np.ndarray, g: np.ndarray, e: np.ndarray | None,
@@ -250,19 +264,48 @@ def _bounded_step(H: np.ndarray, g: np.ndarray, e: np.ndarray | None,
 
 def identity_normal_equations(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.ndarray,
                               R: np.ndarray, t: np.ndarray, expression: np.ndarray, identity: np.ndarray):
-    """One frame's linearised contribution (A (K, K), b (K,)) to the identity solve A α = b."""
-    k = len(identity)
-    w = np.tile(basis.weight, 2)
-    X = basis.points(identity, expression) @ R.T + t
-    cm_per_px = X[:, 2].mean() / K[0, 0]
-    r = _residual(X, landmarks_px, K, cm_per_px) * w
-    cu, cv = _camera_gradients(R, X, K, cm_per_px)
-    Jt = np.empty((k, 2 * len(X)))
-    _model_jacobian(basis.identity_xyz[:, :k], cu, cv, Jt)
-    Jt *= w
-    A = Jt @ Jt.T
-    b = A @ identity - Jt @ r
-    return A, b
+    """One frame's linearised contribution (A (K, K), b (K,)) to the identity solve A α = b,
+    with the frame's pose and expression held."""
+    r, Jt = linearise(basis, landmarks_px, K, R, t, expression, identity, solve_expression=False,
+                      solve_identity=True)
+    J = Jt[6:]
+    A = J @ J.T
+    return A, A @ identity - J @ r
+
+
+def joint_identity_step(basis: LandmarkBasis, frames: list, identity: np.ndarray, settings: FitSettings) -> np.ndarray:
+    """One Gauss-Newton step on identity and every frame's pose and expression together.
+
+    frames: lists [landmarks_px, K, R, t, expression, lower, upper], updated in place.
+    Each frame's block is eliminated (Schur complement), so the shared identity
+    sees how every frame's pose and expression would move with it.
+    """
+    M, k = basis.expression.shape[0], len(identity)
+    S = settings.identity_prior_joint * np.eye(k)
+    rhs = -settings.identity_prior_joint * identity
+    solved = []
+    for landmarks_px, K, R, t, e, lower, upper in frames:
+        r, Jt = linearise(basis, landmarks_px, K, R, t, e, identity, solve_identity=True)
+        Jf, Ja = Jt[:6 + M], Jt[6 + M:]
+        free = np.r_[np.ones(6, bool), lower < upper]
+        Jf = Jf[free]
+        Hff = Jf @ Jf.T
+        Hff[np.diag_indices(len(Hff))] += np.r_[np.full(6, 1e-6), np.full(int(free[6:].sum()), settings.expression_prior)]
+        gf = Jf @ r
+        gf[6:] += settings.expression_prior * e[free[6:]]
+        Hfa = Jf @ Ja.T
+        X = np.linalg.solve(Hff, np.column_stack([Hfa, gf]))
+        S += Ja @ Ja.T - Hfa.T @ X[:, :k]
+        rhs -= Ja @ r - Hfa.T @ X[:, k]
+        solved.append((free, X))
+    delta_a = np.linalg.solve(S, rhs)
+    for frame, (free, X) in zip(frames, solved):
+        delta_f = -X[:, k] - X[:, :k] @ delta_a
+        R, t, e, lower, upper = frame[2], frame[3], frame[4], frame[5], frame[6]
+        e = e.copy()
+        e[free[6:]] += delta_f[6:]
+        frame[2:5] = rodrigues(delta_f[:3]) @ R, t + delta_f[3:6], np.clip(e, lower, upper)
+    return identity + delta_a
 
 
 @dataclass
@@ -308,11 +351,9 @@ class TakeFitter:
                                             s, s.first_iterations, solve_expression=False)
             e = np.zeros(M)
             iterations = s.first_iterations
-            prev_e = None
         else:
             R, t, e = self._previous.rotation, self._previous.translation, self._previous.expression
             iterations = s.iterations
-            prev_e = e
         lower, upper = np.zeros(M), np.ones(M)
         if pin is not None:
             if self._previous is not None:  # the pin needs this frame's pose, not the last one's
@@ -321,7 +362,7 @@ class TakeFitter:
             for index, value in pin(R, t).items():
                 lower[index] = upper[index] = value
         R, t, e, rms = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, iterations,
-                                          previous_expression=prev_e, lower=lower, upper=upper)
+                                          lower=lower, upper=upper)
         if not self.identity_locked:
             # a running estimate with a firm prior while few frames are in...
             A, b = identity_normal_equations(self.basis, landmarks_px, K, R, t, e, self.identity)
@@ -337,26 +378,20 @@ class TakeFitter:
                 self.identity_locked = True
                 self._kept = []
             R, t, e, rms = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
-                                              previous_expression=prev_e, lower=lower, upper=upper)
+                                              lower=lower, upper=upper)
         result = FitResult(R, t, e, self.identity.copy(), rms)
         self._previous = result
         return result
 
     def _joint_identity(self) -> np.ndarray:
-        """Alternate between refitting every kept frame's pose and expression and
-        solving the identity they share, under the take-wide prior."""
+        """Joint Gauss-Newton steps on the identity and every kept frame, each followed by a
+        bounded refit of the frames' pose and expression under the new identity."""
         s = self.settings
         identity = self.identity
         for _ in range(s.identity_rounds):
-            A = s.identity_prior_joint * np.eye(len(identity))
-            b = np.zeros(len(identity))
+            identity = joint_identity_step(self.basis, self._kept, identity, s)
             for frame in self._kept:
                 landmarks_px, K, R, t, e, lower, upper = frame
-                R, t, e, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, identity, s, 2,
-                                                lower=lower, upper=upper)
-                frame[2:5] = R, t, e
-                Ai, bi = identity_normal_equations(self.basis, landmarks_px, K, R, t, e, identity)
-                A += Ai
-                b += bi
-            identity = np.linalg.solve(A, b)
+                frame[2:5] = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, identity, s, 1,
+                                                lower=lower, upper=upper)[:3]
         return identity

@@ -28,6 +28,9 @@ EYE_LIDS = ((33, 133, 159, 145), (362, 263, 386, 374))
 CLOSED_APERTURE = 0.12
 OPEN_APERTURE = 0.22
 
+#: How far eyes turn in the head (yaw, pitch), radians: about 50° sideways, 40° up or down.
+MAX_EYE_ROTATION = np.radians([50.0, 40.0])
+
 #: Gaze angle at which an ARKit eyeLook value reaches 1 (radians).
 FULL_LOOK_YAW = np.radians(30.0)
 FULL_LOOK_PITCH = np.radians(25.0)
@@ -85,7 +88,8 @@ def gaze_angles(eyes: EyeModel, landmarks_px: np.ndarray, R: np.ndarray, t: np.n
         yaw = np.arctan2(g[0], g[2]) - np.arctan2(g0[0], g0[2])
         pitch = np.arcsin(np.clip(-g[1], -1, 1)) - np.arcsin(np.clip(-g0[1], -1, 1))
         out[i] = yaw, pitch
-    return out
+    # an iris near the eye corner, with the eyeball a millimetre off, can read beyond what eyes do
+    return np.clip(out, -MAX_EYE_ROTATION, MAX_EYE_ROTATION)
 
 
 def lid_aperture(landmarks_px: np.ndarray, iris_landmark: int) -> float:
