@@ -24,7 +24,10 @@ Three measurements, all on the same video and all in one run:
    --mesh-format none, pinned to 1 and to 2 cores.
 
 The target from the issue (whole per-frame pipeline under 10 ms median on one
-core) is checked against the 1-core median total.
+core) is checked against the 1-core wall time per frame (the interval between
+finished frames): mesh files are written on a background thread, so the sum of
+the main thread's stages would leave that work out, while the wall interval on
+one core includes everything the process did.
 
 Run from the repository root:  .venv/bin/python bench/bench_pipeline.py
 """
@@ -319,19 +322,19 @@ def report(args, workers: dict, cli: list, wall_total: float, load: tuple) -> No
     one = workers.get(f"1 core, {args.mesh_format}")
     if one is not None:
         med, p95 = stats_ms(one["pipeline"]["total"])
-        iv, _ = stats_ms(one["interval"])
-        verdict = "MEETS" if med < TARGET_MS else "MISSES"
-        print(f"4. target: 1-core median total per frame {med:.2f} ms (p95 {p95:.2f} ms), "
+        iv, iv95 = stats_ms(one["interval"])
+        verdict = "MEETS" if iv < TARGET_MS else "MISSES"
+        print(f"4. target: 1-core wall time per frame {iv:.2f} ms median (p95 {iv95:.2f} ms), "
               f"--mesh-format {args.mesh_format}: {verdict} the {TARGET_MS:g} ms target "
-              f"(wall per frame {iv:.2f} ms)")
+              f"(main-thread stages sum to {med:.2f} ms; mesh files are written on a background thread)")
         stage_meds = {s: stats_ms(one["pipeline"][s])[0] for s in STAGES}
         order = sorted(stage_meds, key=stage_meds.get, reverse=True)
         print("   1-core stages by median: " + ", ".join(
             f"{s} {stage_meds[s]:.2f} ms ({100 * stage_meds[s] / med:.0f}%)" for s in order))
         nomesh = workers.get("1 core, none")
         if nomesh is not None and args.mesh_format != "none":
-            m2, p2 = stats_ms(nomesh["pipeline"]["total"])
-            print(f"   without mesh files (--mesh-format none): {m2:.2f} ms median (p95 {p2:.2f} ms): "
+            m2, p2 = stats_ms(nomesh["interval"])
+            print(f"   without mesh files (--mesh-format none): {m2:.2f} ms wall per frame (p95 {p2:.2f} ms): "
                   f"{'MEETS' if m2 < TARGET_MS else 'MISSES'} the target")
     starved = [lab for lab in labels if lab.startswith("1 core") and workers[lab]["cpu_share"] < 0.9]
     if starved:

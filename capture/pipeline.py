@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capture.sinks import LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
+from capture.sinks import BackgroundMeshWriter, LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
 from capture.sources import Frame, FrameReader, FrameSource
 from capture.tracking import FaceTracker
 from engine.arkit import arkit_from_model
@@ -201,7 +201,8 @@ class TakeWriter:
         self.csv = LiveLinkCsvWriter(self.out_dir / "blendshapes.csv", fps)
         self.meshes = None
         if mesh_format != "none":
-            self.meshes = MeshSequenceWriter(self.out_dir / "meshes", capture.model.triangles, mesh_format)
+            self.meshes = BackgroundMeshWriter(
+                MeshSequenceWriter(self.out_dir / "meshes", capture.model.triangles, mesh_format))
         self.track = TrackWriter(self.out_dir / "track.npz", n_expression=capture.model.n_expression,
                                  n_identity=capture.basis.identity.shape[0])
         self._camera_set = False
@@ -222,8 +223,12 @@ class TakeWriter:
                        identity=result.identity)
 
     def close(self) -> None:
-        self.csv.close()
-        self.track.close()
+        try:
+            if self.meshes is not None:
+                self.meshes.close()
+        finally:
+            self.csv.close()
+            self.track.close()
 
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import math
 import os
+import queue
+import threading
 import time
 
 import numba
@@ -313,6 +315,46 @@ class MeshSequenceWriter:
             ).encode("ascii")
             _write_atomic(path, (header, v.astype("<f4", copy=False), self._faces))
         return path
+
+
+class BackgroundMeshWriter:
+    """A MeshSequenceWriter on its own thread: formatting and file I/O (which release
+    the GIL) overlap with the next frame's tracking on a second core.
+
+    The queue is bounded and `write` blocks when it is full, so no mesh is ever
+    dropped; an error on the thread is raised by the next `write` or by `close`.
+    """
+
+    def __init__(self, writer: "MeshSequenceWriter", queue_size: int = 4):
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mesh-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as exc:  # handed to the producer thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def write(self, number: int, vertices) -> None:
+        self._raise()
+        self._queue.put((number, np.array(vertices, dtype=np.float32)))
+
+    def close(self) -> None:
+        """Writes everything queued, then stops the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
 
 
 def read_obj(path):

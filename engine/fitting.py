@@ -91,7 +91,7 @@ class FitSettings:
 
     expression_prior: float = 2e-3     # pulls unobserved shapes towards 0
     identity_prior: float = 0.5        # per frame with a face, against weights ~ N(0, 1)
-    iterations: int = 3                # Gauss-Newton steps per tracked frame
+    iterations: int = 2                # Gauss-Newton steps per tracked frame (1 already converges on video)
     first_iterations: int = 12         # steps when (re)starting without a previous pose
     identity_frames: int = 40          # frames with a face before identity locks
     identity_prior_joint: float = 0.05  # for the whole take, in the joint solve at lock time

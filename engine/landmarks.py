@@ -14,6 +14,25 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+_POINT = np.dtype([("tags", "u1", 3), ("x", "<f4"), ("tag_y", "u1"), ("y", "<f4"), ("tag_z", "u1"), ("z", "<f4")])
+
+
+def landmarks_array(landmark_list) -> np.ndarray:
+    """A NormalizedLandmarkList -> (N, 3) float32 x, y, z (normalised).
+
+    Reads the serialised message directly when it has the fixed 17-byte layout of
+    x, y, z per point (ten times faster than a loop over 478 Python objects);
+    anything else goes through the loop.
+    """
+    raw = landmark_list.SerializeToString()
+    if len(raw) % _POINT.itemsize == 0:
+        pts = np.frombuffer(raw, dtype=_POINT)
+        if (np.all(pts["tags"] == (0x0A, 0x0F, 0x0D)) and np.all(pts["tag_y"] == 0x15)
+                and np.all(pts["tag_z"] == 0x1D)):
+            return np.stack([pts["x"], pts["y"], pts["z"]], axis=1).astype(np.float32)
+    return np.array([(p.x, p.y, p.z) for p in landmark_list.landmark], dtype=np.float32)
+
+
 class MediaPipeLandmarker:
     """One FaceMesh graph. static=False tracks from frame to frame (re-detecting
     when the face is lost); static=True detects in every image independently."""
@@ -39,8 +58,7 @@ class MediaPipeLandmarker:
         result = self._mesh.process(view)
         if not result.multi_face_landmarks:
             return None
-        lm = result.multi_face_landmarks[0].landmark
-        out = np.array([(p.x, p.y, p.z) for p in lm], dtype=np.float32)
+        out = landmarks_array(result.multi_face_landmarks[0])
         out[:, 0] *= w
         out[:, 1] *= h
         out[:, 2] *= w

@@ -333,3 +333,24 @@ def test_track_rejects_bad_shapes(tmp_path):
         w.add(0, 0.0, True, expression=np.zeros(53))
     with pytest.raises(ValueError):
         TrackWriter(tmp_path / "u.npz", np.eye(2), (640, 480))
+
+
+def test_background_mesh_writer_writes_every_mesh_and_reports_errors(tmp_path):
+    from capture.sinks import BackgroundMeshWriter, MeshSequenceWriter, read_ply
+
+    tris = np.array([[0, 1, 2], [0, 2, 3]])
+    writer = BackgroundMeshWriter(MeshSequenceWriter(tmp_path, tris, "ply"), queue_size=2)
+    verts = np.random.default_rng(0).normal(size=(20, 4, 3)).astype(np.float32)
+    for i, v in enumerate(verts):
+        writer.write(i, v)
+    writer.close()
+    for i, v in enumerate(verts):
+        got, _ = read_ply(tmp_path / f"{i:06d}.ply")
+        np.testing.assert_array_equal(got, v)
+
+    bad = BackgroundMeshWriter(MeshSequenceWriter(tmp_path / "obj", tris, "obj"))
+    bad.write(0, np.full((4, 3), np.nan, np.float32))  # OBJ refuses NaN vertices, on the thread
+    with pytest.raises(ValueError):
+        for i in range(1, 50):  # raised by a later write, or at the latest by close
+            bad.write(i, verts[0])
+        bad.close()
