@@ -40,25 +40,24 @@ class Landmarks68:
     """Projects a fitted face's 68 landmarks; the jaw follows the silhouette."""
 
     def __init__(self, model: FaceModel, n_identity: int = 60):
-        self._fixed = LandmarkBasis.from_vertices(model, model.landmark68_vertices, n_identity)
         cands = jaw_candidates(model)
         self._owner = np.concatenate([np.full(len(c), j) for j, c in zip(JAW_POINTS, cands)])
-        self._jaw = LandmarkBasis.from_vertices(model, np.concatenate(cands), n_identity)
+        # one basis: the 68 landmark vertices, then every jaw candidate
+        self._basis = LandmarkBasis.from_vertices(
+            model, np.concatenate([model.landmark68_vertices, np.concatenate(cands)]), n_identity)
         self._side = np.sign(model.neutral[model.landmark68_vertices[list(JAW_POINTS)], 0])
+        self._groups = [np.flatnonzero(self._owner == j) for j in JAW_POINTS]
 
     def project(self, identity: np.ndarray, expression: np.ndarray, R: np.ndarray, t: np.ndarray,
                 K: np.ndarray) -> np.ndarray:
         """(68, 2) pixels for a face posed by R, t (model to camera) under camera K."""
-        out = project(self._fixed.points(identity, expression) @ R.T + t, K)
-        X = self._jaw.points(identity, expression) @ R.T + t
-        px = project(X, K)
-        centre = project((R @ np.zeros(3) + t)[None], K)[0]
-        side_axis = project((R @ np.array([1.0, 0.0, 0.0]) + t)[None], K)[0] - centre
+        px = project(self._basis.points(identity, expression) @ R.T + t, K)
+        out, jaw = px[:68], px[68:]
+        centre = project(t[None], K)[0]
+        side_axis = project((R[:, 0] + t)[None], K)[0] - centre
         side_axis /= max(np.linalg.norm(side_axis), 1e-9)
-        outward = (px @ side_axis) * self._side[self._owner]
-        for j in JAW_POINTS:
-            if j == CHIN:
-                continue
-            mine = np.flatnonzero(self._owner == j)
-            out[j] = px[mine[np.argmax(outward[mine])]]
+        outward = (jaw @ side_axis) * self._side[self._owner]
+        for j, mine in zip(JAW_POINTS, self._groups):
+            if j != CHIN:
+                out[j] = jaw[mine[np.argmax(outward[mine])]]
         return out

@@ -75,8 +75,10 @@ class LandmarkBasis:
 
     def points(self, identity: np.ndarray, expression: np.ndarray) -> np.ndarray:
         """(N, 3) model-space points."""
-        return (self.mean + np.tensordot(identity, self.identity[: len(identity)], axes=1)
-                + np.tensordot(expression, self.expression, axes=1))
+        k, M = len(identity), self.expression.shape[0]
+        flat = (self.mean.reshape(-1) + identity @ self.identity[:k].reshape(k, -1)
+                + expression @ self.expression.reshape(M, -1))
+        return flat.reshape(-1, 3)
 
 
 def project(points_cam: np.ndarray, K: np.ndarray) -> np.ndarray:
@@ -179,9 +181,7 @@ def linearise(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.ndarray, R: 
     """
     M, N, k = basis.expression.shape[0], basis.mean.shape[0], len(identity)
     w = basis.weight2
-    P = (basis.mean.reshape(-1) + identity @ basis.identity[:k].reshape(k, -1)
-         + expression @ basis.expression.reshape(M, -1)).reshape(N, 3)
-    RP = P @ R.T
+    RP = basis.points(identity, expression) @ R.T
     X = RP + t
     cm_per_px = X[:, 2].mean() / K[0, 0]
     r = _residual(X, landmarks_px, K, cm_per_px) * w
@@ -208,7 +208,7 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
                        R: np.ndarray, t: np.ndarray, expression: np.ndarray, identity: np.ndarray,
                        settings: FitSettings, iterations: int, solve_expression: bool = True,
                        lower: np.ndarray | None = None, upper: np.ndarray | None = None):
-    """Gauss-Newton on pose and bounded expression; returns (R, t, expression, rms_px).
+    """Gauss-Newton on pose and bounded expression; returns (R, t, expression).
 
     Expression weights stay in [lower, upper] (default [0, 1]); equal bounds pin a weight.
     """
@@ -231,7 +231,7 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
         t = t + delta[3:6]
         if solve_expression:
             e = np.clip(e + delta[6:], lower, upper)
-    return R, t, e, landmark_rms_px(basis, landmarks_px, K, R, t, e, identity)
+    return R, t, e
 
 
 def _bounded_step(H: np.ndarray, g: np.ndarray, e: np.ndarray | None,
@@ -347,7 +347,7 @@ class TakeFitter:
         M = self.basis.expression.shape[0]
         if self._previous is None:
             R, t = initial_pose(self.basis, landmarks_px, K)
-            R, t, _, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, np.zeros(M), self.identity,
+            R, t, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, np.zeros(M), self.identity,
                                             s, s.first_iterations, solve_expression=False)
             e = np.zeros(M)
             iterations = s.first_iterations
@@ -357,11 +357,11 @@ class TakeFitter:
         lower, upper = np.zeros(M), np.ones(M)
         if pin is not None:
             if self._previous is not None:  # the pin needs this frame's pose, not the last one's
-                R, t, _, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
+                R, t, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
                                                 solve_expression=False)
             for index, value in pin(R, t).items():
                 lower[index] = upper[index] = value
-        R, t, e, rms = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, iterations,
+        R, t, e = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, iterations,
                                           lower=lower, upper=upper)
         if not self.identity_locked:
             # a running estimate with a firm prior while few frames are in...
@@ -377,8 +377,9 @@ class TakeFitter:
                 self.identity = self._joint_identity()
                 self.identity_locked = True
                 self._kept = []
-            R, t, e, rms = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
+            R, t, e = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
                                               lower=lower, upper=upper)
+        rms = landmark_rms_px(self.basis, landmarks_px, K, R, t, e, self.identity)
         result = FitResult(R, t, e, self.identity.copy(), rms)
         self._previous = result
         return result
@@ -393,5 +394,5 @@ class TakeFitter:
             for frame in self._kept:
                 landmarks_px, K, R, t, e, lower, upper = frame
                 frame[2:5] = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, identity, s, 1,
-                                                lower=lower, upper=upper)[:3]
+                                                lower=lower, upper=upper)
         return identity
