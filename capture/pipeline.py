@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from capture.sinks import BackgroundMeshWriter, LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
-from capture.sources import Frame, FrameReader, FrameSource
+from capture.sources import FrameReader, FrameSource
 from capture.tracking import FaceTracker
 from engine.arkit import arkit_from_model
 from engine.contour import Landmarks68

@@ -10,6 +10,7 @@ process, not against losing power.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import queue
@@ -536,19 +537,9 @@ class TrackWriter:
     def save(self) -> None:
         """Writes the file atomically: temp file beside it, then os.replace."""
         start_s = time.monotonic()
-        directory, name = os.path.split(self.path)
-        tmp = os.path.join(directory, "." + name + ".tmp")
-        try:
-            # A file object stops np.savez from appending ".npz" to the name.
-            with open(tmp, "wb") as f:
-                np.savez(f, **self.arrays())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.arrays())
+        _write_atomic(self.path, [buffer.getbuffer()])
         self._last_save_s = time.monotonic()
         self._last_save_duration_s = self._last_save_s - start_s
 

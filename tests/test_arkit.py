@@ -2,14 +2,10 @@
 checked end to end on renders of the face model run through the capture pipeline."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run from anywhere without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.arkit import (
     ARKIT_NAMES,

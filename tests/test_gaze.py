@@ -1,14 +1,10 @@
 """engine.gaze: eyeballs of the face model, gaze angles from iris centres, eyeLook weights."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run from anywhere without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run from anywhere without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.facemodel import DEFAULT_FACE_MODEL, FaceModel
 from engine.model_import import (

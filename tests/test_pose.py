@@ -1,14 +1,10 @@
 """engine.pose: rotations, the model-to-camera convention, yaw/pitch/roll and the default camera."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run from anywhere without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.pose import (
     FRONTAL,

@@ -1,14 +1,10 @@
 """engine.rasterizer: coverage, perspective-correct barycentrics, depth, z-buffer, normals."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run from anywhere without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.pose import default_camera_matrix, model_to_camera
 from engine.rasterizer import interpolate, project_points, rasterize, vertex_normals

@@ -3,20 +3,13 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import time
 
 import numpy as np
 import pytest
 
-# The repo has no packaging yet; make `engine` and `capture` importable
-# when pytest is run from the repo root without PYTHONPATH.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-from engine.arkit import ARKIT_NAMES, LIVELINK_CSV_NAMES, LIVELINK_POSE_NAMES  # noqa: E402
-from capture.sinks import (  # noqa: E402
+from engine.arkit import ARKIT_NAMES, LIVELINK_CSV_NAMES, LIVELINK_POSE_NAMES
+from capture.sinks import (
     LiveLinkCsvWriter,
     MeshSequenceWriter,
     TrackWriter,

@@ -10,13 +10,6 @@ import cv2
 import numpy as np
 import pytest
 
-try:
-    import capture  # noqa: F401
-except ImportError:  # no pyproject/conftest putting the repo root on sys.path yet
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from capture.sources import (
     CameraSource,
     Frame,
@@ -28,8 +21,9 @@ from capture.sources import (
     _mp4_video_duration_s,
 )
 
-VIDEOS = Path("/work/shared/data/videos")
-IMAGES = Path("/work/shared/data/images")
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+VIDEOS = SHARED / "data" / "videos"
+IMAGES = SHARED / "data" / "images"
 
 RED_BGR = (0, 0, 255)
 STRIPE_STEP = 8  # grey level per frame index in the order-marking stripe
