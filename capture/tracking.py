@@ -14,8 +14,9 @@ import numpy as np
 from engine.landmarks import MediaPipeFaceDetector, MediaPipeLandmarker
 
 CROP_SIZE_PX = 256
-#: A face whose landmarks span fewer pixels than this is followed in a crop.
-SMALL_FACE_PX = 100.0
+#: A face followed in a crop goes back to the whole-frame tracker once its
+#: landmarks span more than this many pixels.
+HANDOVER_SPAN_PX = 150.0
 
 
 def square_box(points_or_box: np.ndarray, scale: float) -> np.ndarray:
@@ -76,7 +77,7 @@ class FaceTracker:
             self.mode = "none"
             return None
         span = np.ptp(lm[:, :2], axis=0).max()
-        self._roi = None if span > SMALL_FACE_PX * 1.5 else square_box(lm[:, :2], 1.7)
+        self._roi = None if span > HANDOVER_SPAN_PX else square_box(lm[:, :2], 1.7)
         self.mode = "crop"
         return lm
 
