@@ -90,9 +90,14 @@ class FaceCapture:
                       eye_look_weights(np.zeros((2, 2)))}
         self._expression_2d = model.expression_modes.reshape(model.n_expression, -1)
         self.tracker = FaceTracker(static=self.settings.static, small_faces=self.settings.small_faces)
+        sclera = np.isin(model.triangle_material, [model.materials.index(m) for m in ("M_ScleraLeft", "M_ScleraRight")])
+        # the vertices the eye model reads: both scleras and the iris landmarks' triangles
+        self._eye_vertices = np.unique(np.r_[model.triangles[sclera].ravel(),
+                                             model.triangles[self._iris_surface[0]].ravel()])
         self._identity_mesh = None
         self._identity_of_mesh = None
         self.eyes = None
+        self._eyes_identity = None
         self.reset()
 
     def reset(self) -> None:
@@ -103,21 +108,22 @@ class FaceCapture:
         self._pose_filter = OneEuroFilter(s.pose_cutoff_hz, np.r_[np.full(3, s.rotation_beta),
                                                                   np.full(3, s.translation_beta)])
         self.tracker.reset()
-        self._update_identity_mesh()
+        self._update_eyes(self.fitter.identity)
 
     def _new_fitter(self) -> None:
         s = self.settings
         self.fitter = TakeFitter(self.basis, FitSettings(
             identity_frames=s.photo_passes if s.static else s.identity_frames))
 
-    def _update_identity_mesh(self) -> None:
-        identity = self.fitter.identity
-        if self._identity_of_mesh is not None and np.array_equal(identity, self._identity_of_mesh):
-            return
-        self._identity_mesh = self.model.vertices(identity.astype(np.float32))
-        self._identity_of_mesh = identity.copy()
-        iris = barycentric_points(self._identity_mesh, self.model.triangles, *self._iris_surface)
-        self.eyes = EyeModel.from_model(self.model, self._identity_mesh, iris)
+    def _update_eyes(self, identity: np.ndarray) -> None:
+        """Eyeball centres and rest gaze for this identity (only the eye vertices are built)."""
+        idx, k = self._eye_vertices, len(identity)
+        vertices = np.zeros_like(self.model.neutral)
+        vertices[idx] = self.model.neutral[idx] + np.tensordot(
+            identity.astype(np.float32), self.model.identity_modes[:k, idx], axes=1)
+        iris = barycentric_points(vertices, self.model.triangles, *self._iris_surface)
+        self.eyes = EyeModel.from_model(self.model, vertices, iris)
+        self._eyes_identity = identity.copy()
 
     def camera_matrix(self, width: int, height: int) -> np.ndarray:
         return default_camera_matrix(width, height, self.settings.focal_px)
@@ -131,7 +137,7 @@ class FaceCapture:
         if self.settings.static:  # every photo its own face: fresh identity and tracking
             self.tracker.reset()
             self._new_fitter()
-            self._update_identity_mesh()
+            self._update_eyes(self.fitter.identity)
         landmarks = self.tracker.track(image)
         t1 = time.perf_counter()
         timings["landmarks"] = t1 - t0
@@ -153,8 +159,8 @@ class FaceCapture:
         passes = self.settings.photo_passes if self.settings.static else 1
         for _ in range(passes):  # on a photo, identity and expression alternate over the passes
             fit = self.fitter.fit(landmarks, K, pin=pin)
-        if not np.array_equal(fit.identity, self._identity_of_mesh):
-            self._update_identity_mesh()
+        if not np.array_equal(fit.identity, self._eyes_identity):
+            self._update_eyes(fit.identity)
         t2 = time.perf_counter()
         timings["fit"] = t2 - t1
 
@@ -178,8 +184,9 @@ class FaceCapture:
 
     def mesh_vertices(self, result: FrameResult) -> np.ndarray:
         """(V, 3) float32 camera-space vertices (cm) of a frame with a face."""
-        if not np.array_equal(result.identity, self._identity_of_mesh):
-            self._update_identity_mesh()
+        if self._identity_of_mesh is None or not np.array_equal(result.identity, self._identity_of_mesh):
+            self._identity_mesh = self.model.vertices(result.identity.astype(np.float32))
+            self._identity_of_mesh = result.identity.copy()
         v = self._identity_mesh + (result.expression.astype(np.float32) @ self._expression_2d).reshape(-1, 3)
         return (v @ result.rotation.T.astype(np.float32) + result.translation.astype(np.float32)).astype(np.float32)
 
