@@ -164,9 +164,11 @@ def cmd_image(args) -> int:
 
 def cmd_live(args) -> int:
     from capture.pipeline import run_take
-    from capture.preview import Preview
+    from capture.preview import Preview, check_display
     from capture.sources import CameraSource
 
+    if args.preview:
+        check_display()
     source = CameraSource(args.camera, args.width, args.height)
     try:
         capture = _load_capture(args, static=False)
@@ -213,6 +215,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from capture.sources import SourceError
     from engine.facemodel import FaceModelError
+    from capture.preview import PreviewError
     from engine.model_import import ModelImportError
 
     handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live}
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
     try:
         with NativeStderrFilter():
             return handler(args)
-    except (CaptureError, SourceError, FaceModelError, ModelImportError, FileNotFoundError,
+    except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"capture: error: {message}", file=sys.stderr)

@@ -1,6 +1,9 @@
 """A preview window: the fitted mesh drawn over the live picture."""
 from __future__ import annotations
 
+import os
+import sys
+
 import cv2
 import numpy as np
 
@@ -17,7 +20,9 @@ def draw_overlay(image_rgb: np.ndarray, capture, result, triangles: np.ndarray) 
     v = capture.mesh_vertices(result)
     px = project(v.astype(np.float64), result.camera_matrix)
     polys = np.round(px[triangles] * 4).astype(np.int32)  # 2 bits of sub-pixel precision
-    cv2.polylines(out, list(polys), True, (90, 200, 90), 1, cv2.LINE_AA, shift=2)
+    wire = out.copy()
+    cv2.polylines(wire, list(polys), True, (90, 220, 90), 1, cv2.LINE_AA, shift=2)
+    out = cv2.addWeighted(wire, 0.6, out, 0.4, 0.0)  # the face stays visible under the mesh
     for x, y in result.landmarks68:
         cv2.circle(out, (int(x), int(y)), 2, (0, 0, 255), -1)
     yaw, pitch, roll = np.degrees(result.head_ypr_rad)
@@ -26,18 +31,35 @@ def draw_overlay(image_rgb: np.ndarray, capture, result, triangles: np.ndarray) 
     return out
 
 
+class PreviewError(RuntimeError):
+    """No window can be opened here."""
+
+
+def check_display() -> None:
+    """OpenCV's window toolkit aborts the whole process when there is no display,
+    so ask first: on Linux a window needs $DISPLAY or $WAYLAND_DISPLAY."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise PreviewError("--preview needs a display (DISPLAY is not set); run without --preview for headless capture")
+
+
 class Preview:
     """An OpenCV window; `show(frame, result)` returns False when the user closes it (q or Esc)."""
 
     def __init__(self, capture, title: str = "capture"):
+        check_display()
         self.capture = capture
         self.title = title
         tris = capture.model.triangles
         face = np.all(tris < NARROW_FACE_VERTICES.stop, axis=1)
-        self._triangles = tris[face][::3]  # a third of the face triangles keeps drawing cheap
+        self._triangles = tris[face][::8]  # an eighth of the face triangles: legible and cheap to draw
+        self._sized = False
         cv2.namedWindow(title, cv2.WINDOW_NORMAL)
 
     def show(self, frame, result) -> bool:
+        if not self._sized:
+            h, w = frame.image.shape[:2]
+            cv2.resizeWindow(self.title, w, h)
+            self._sized = True
         cv2.imshow(self.title, draw_overlay(frame.image, self.capture, result, self._triangles))
         key = cv2.waitKey(1) & 0xFF
         return key not in (ord("q"), 27)

@@ -73,3 +73,12 @@ def test_preview_overlay_draws_mesh_over_picture():
     outside = changed.mean() - changed[y0:y1, x0:x1].sum() / changed.size
     assert inside > 0.05  # the wireframe covers the face
     assert inside > 5 * outside  # and stays on it
+
+
+def test_preview_without_display_is_one_line_error(monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    status = cli.main(["live", "--camera", "0", "--preview", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert len(err) == 1 and "needs a display" in err[0]
