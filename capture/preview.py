@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from engine.facemodel import NARROW_FACE_VERTICES
-from engine.fitting import project
+from engine.pose import project
 
 
 def draw_overlay(image_rgb: np.ndarray, capture, result, triangles: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from engine.facemodel import FACE_VERTICES, FaceModel
-from engine.fitting import LandmarkBasis, project
+from engine.fitting import LandmarkBasis
+from engine.pose import project
 
 JAW_POINTS = range(0, 17)
 CHIN = 8

@@ -1,9 +1,10 @@
 """Fit head pose, expression and identity to 2D landmarks (E_lan + E_reg of seed 002).
 
 Per frame a few Gauss-Newton steps solve for the head rotation, translation
-and the expression weights (bounded to [0, 1]) given the landmarks; identity
-is shared by the whole take: it is estimated from the normal equations
-accumulated over the first frames with a face, then locked.
+and the expression weights (bounded to [0, 1]) given the landmarks. Identity
+is shared by the whole take: a running estimate over the first frames with a
+face, then one joint solve of the identity with all those frames' poses and
+expressions, after which it is locked.
 
 Residuals are measured in centimetres at the face (pixels divided by the
 focal length over depth), so the priors mean the same at any image size.
@@ -17,7 +18,7 @@ import numpy as np
 
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel
-from engine.pose import FRONTAL, rodrigues
+from engine.pose import FRONTAL, project, rodrigues
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,6 @@ class LandmarkBasis:
     mean (N, 3) cm, identity (K, N, 3) cm per unit weight, expression (M, N, 3),
     weight (N,) relative reliability of each landmark.
     """
-
 
     mean: np.ndarray
     identity: np.ndarray
@@ -79,12 +79,6 @@ class LandmarkBasis:
         flat = (self.mean.reshape(-1) + identity @ self.identity[:k].reshape(k, -1)
                 + expression @ self.expression.reshape(M, -1))
         return flat.reshape(-1, 3)
-
-
-def project(points_cam: np.ndarray, K: np.ndarray) -> np.ndarray:
-    """(N, 3) camera-space points -> (N, 2) pixels."""
-    return np.stack([K[0, 0] * points_cam[:, 0] / points_cam[:, 2] + K[0, 2],
-                     K[1, 1] * points_cam[:, 1] / points_cam[:, 2] + K[1, 2]], axis=1)
 
 
 @dataclass

@@ -81,6 +81,12 @@ def model_to_camera(yaw: float, pitch: float, roll: float) -> np.ndarray:
     return FRONTAL @ euler_yxz(yaw, pitch, roll)
 
 
+def project(points_cam: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """(N, 3) camera-space points (z forward) -> (N, 2) pixels under pinhole K."""
+    return np.stack([K[0, 0] * points_cam[:, 0] / points_cam[:, 2] + K[0, 2],
+                     K[1, 1] * points_cam[:, 1] / points_cam[:, 2] + K[1, 2]], axis=1)
+
+
 def default_camera_matrix(width: int, height: int, focal_px: float | None = None) -> np.ndarray:
     """Pinhole K for an uncalibrated camera: focal = max(width, height) px
     (about 53° across the larger side) unless given; principal point at the centre."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from engine.pose import project
+
 
 @dataclass
 class Fragments:
@@ -31,13 +33,6 @@ class Fragments:
         return self.triangle_id >= 0
 
 
-def project_points(points_cam: np.ndarray, camera_matrix: np.ndarray) -> np.ndarray:
-    """(N, 3) camera-space points (z forward) -> (N, 2) pixel coordinates."""
-    z = points_cam[:, 2:3]
-    uvw = points_cam @ np.asarray(camera_matrix, dtype=points_cam.dtype).T
-    return uvw[:, :2] / z
-
-
 def rasterize(points_cam: np.ndarray, triangles: np.ndarray, camera_matrix: np.ndarray,
               width: int, height: int, near_cm: float = 1.0) -> Fragments:
     """Rasterize a mesh given in camera coordinates (cm, z forward, y down).
@@ -46,7 +41,7 @@ def rasterize(points_cam: np.ndarray, triangles: np.ndarray, camera_matrix: np.n
     Triangles with a corner nearer than near_cm are skipped.
     """
     points_cam = np.ascontiguousarray(points_cam, dtype=np.float64)
-    uv = project_points(points_cam, camera_matrix)
+    uv = project(points_cam, np.asarray(camera_matrix, dtype=np.float64))
     tri = np.ascontiguousarray(triangles, dtype=np.int64)
     tri_id = np.full((height, width), -1, dtype=np.int32)
     bary = np.zeros((height, width, 3), dtype=np.float32)

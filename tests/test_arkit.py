@@ -17,8 +17,7 @@ from engine.arkit import (
     pascal_case,
 )
 from engine.facemodel import FaceModel
-from engine.pose import default_camera_matrix, model_to_camera
-from engine.rasterizer import project_points
+from engine.pose import default_camera_matrix, model_to_camera, project
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +155,7 @@ def test_subjects_left_is_on_the_image_right(model):
     R = model_to_camera(0.0, 0.0, 0.0)
     t = np.array([0.0, 0.0, 60.0])
     cam = model.neutral.astype(np.float64) @ R.T + t
-    uv = project_points(cam, K)
+    uv = project(cam, K)
     for shape, right in (("eyeBlink_L", True), ("eyeBlink_R", False)):
         u = uv[_moved(model, shape), 0]
         assert np.all(u > K[0, 2]) if right else np.all(u < K[0, 2]), shape

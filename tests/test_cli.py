@@ -23,7 +23,7 @@ from engine.arkit import ARKIT_NAMES
 from engine.contour import JAW_POINTS, jaw_candidates
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import DEFAULT_FACE_MODEL, ENV_FACE_MODEL, FaceModel, barycentric_points
-from engine.fitting import project
+from engine.pose import project
 from engine.landmarks import MediaPipeLandmarker
 from engine.model_import import export_facexmodel
 from engine.pose import head_rotation, yaw_pitch_roll

@@ -14,9 +14,9 @@ import pytest
 
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FACE_VERTICES, FaceModel
-from engine.fitting import FitSettings, LandmarkBasis, TakeFitter, initial_pose, project
+from engine.fitting import FitSettings, LandmarkBasis, TakeFitter, initial_pose
 from engine.gaze import IRIS_LANDMARKS
-from engine.pose import default_camera_matrix, model_to_camera, rotation_to_axis_angle
+from engine.pose import default_camera_matrix, model_to_camera, project, rotation_to_axis_angle
 
 W, H = 640, 480
 N_FRAMES, IDENTITY_FRAMES, MEASURED = 30, 20, 10

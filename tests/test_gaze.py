@@ -9,8 +9,7 @@ import pytest
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points
 from engine.gaze import FULL_LOOK_PITCH, FULL_LOOK_YAW, IRIS_CENTRES, EyeModel, eye_look_weights, gaze_angles
-from engine.pose import default_camera_matrix, euler_yxz, model_to_camera
-from engine.rasterizer import project_points
+from engine.pose import default_camera_matrix, euler_yxz, model_to_camera, project
 
 K = default_camera_matrix(640, 480)
 HEAD_POSES = [  # (yaw, pitch, roll) degrees, translation cm
@@ -45,7 +44,7 @@ def _direction_angles(g):
 def _landmarks(points_model: dict[int, np.ndarray], R, t) -> np.ndarray:
     lm = np.zeros((478, 3))
     for index, p in points_model.items():
-        lm[index, :2] = project_points((np.asarray(p, float) @ R.T + t)[None], K)[0]
+        lm[index, :2] = project((np.asarray(p, float) @ R.T + t)[None], K)[0]
     return lm
 
 

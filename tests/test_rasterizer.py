@@ -7,7 +7,8 @@ import pytest
 
 
 from engine.pose import default_camera_matrix, model_to_camera
-from engine.rasterizer import interpolate, project_points, rasterize, vertex_normals
+from engine.pose import project
+from engine.rasterizer import interpolate, rasterize, vertex_normals
 
 W, H = 64, 48
 K = np.array([[60.0, 0.0, 31.5], [0.0, 60.0, 23.5], [0.0, 0.0, 1.0]])
@@ -31,7 +32,7 @@ TILTED = np.array([[-9.0, -6.3, 20.0], [14.7, -3.1, 60.0], [-4.1, 13.9, 35.0]])
 def test_single_triangle_coverage_matches_the_analytic_inside_test(winding):
     tri = np.array([winding])
     frags = rasterize(TILTED, tri, K, W, H)
-    uv = project_points(TILTED, K)[list(winding)]
+    uv = project(TILTED, K)[list(winding)]
     expect = _inside(uv, W, H)
     assert 100 < expect.sum() < W * H - 100   # a real triangle, not the whole image
     np.testing.assert_array_equal(frags.mask, expect)
@@ -41,7 +42,7 @@ def test_single_triangle_coverage_matches_the_analytic_inside_test(winding):
 def test_triangle_partly_off_screen_is_clipped_to_the_image():
     pts = np.array([[-30.0, -20.0, 10.0], [30.0, -5.0, 10.0], [0.0, 40.0, 10.0]])
     frags = rasterize(pts, np.array([[0, 1, 2]]), K, W, H)
-    expect = _inside(project_points(pts, K), W, H)
+    expect = _inside(project(pts, K), W, H)
     np.testing.assert_array_equal(frags.mask, expect)
     assert frags.mask.sum() > 0.5 * W * H
 
@@ -55,7 +56,7 @@ def test_barycentrics_are_perspective_correct():
     assert np.all(b >= -1e-6)
     np.testing.assert_allclose(b.sum(axis=1), 1.0, atol=1e-6)
     P = b @ TILTED                                     # (n, 3) camera-space points
-    uv = project_points(P, K)
+    uv = project(P, K)
     np.testing.assert_allclose(uv[:, 0], xs, atol=1e-3)
     np.testing.assert_allclose(uv[:, 1], ys, atol=1e-3)
     # on the triangle's plane
@@ -68,7 +69,7 @@ def test_barycentrics_are_perspective_correct():
     pos = interpolate(frags, TILTED, np.array([[0, 1, 2]]))
     np.testing.assert_allclose(pos[ys, xs], P, rtol=1e-5, atol=1e-5)
     # screen-space (affine) weights would be visibly different on this triangle
-    uvc = project_points(TILTED, K)
+    uvc = project(TILTED, K)
     A = np.vstack([uvc.T, np.ones(3)])
     affine = np.linalg.solve(A, np.vstack([xs, ys, np.ones_like(xs)]).astype(np.float64)).T
     assert np.abs(affine - b).max() > 0.05
@@ -103,8 +104,8 @@ def test_z_buffer_keeps_the_nearer_triangle(order):
     tris = np.array([[0, 1, 2], [3, 4, 5]])[list(order)]
     frags = rasterize(pts, tris, K, W, H)
     near_id = order.index(0)
-    in_near = _inside(project_points(near, K), W, H)
-    in_far = _inside(project_points(far, K), W, H)
+    in_near = _inside(project(near, K), W, H)
+    in_far = _inside(project(far, K), W, H)
     both = in_near & in_far
     assert both.sum() > 50 and (in_far & ~in_near).sum() > 20
     assert np.all(frags.triangle_id[both] == near_id)
@@ -124,7 +125,7 @@ def test_z_buffer_with_interpenetrating_triangles():
         assert sel.sum() > 20
     # at every covered pixel, depth is the minimum over the triangles that cover it
     for pts in (a, b):
-        inside = _inside(project_points(pts, K), W, H)
+        inside = _inside(project(pts, K), W, H)
         # ray-plane depth of this triangle at each pixel centre
         n = np.cross(pts[1] - pts[0], pts[2] - pts[0])
         rays = np.stack([(np.arange(W)[None, :] - K[0, 2]) / K[0, 0] + 0 * np.arange(H)[:, None],
@@ -166,7 +167,7 @@ def test_face_model_silhouette_matches_projected_vertices(model):
     tris = model.triangles[drawn_triangles(model)]
     frags = rasterize(cam, tris, Kc, w, h)
     used = np.unique(tris)
-    uv = project_points(cam[used], Kc)
+    uv = project(cam[used], Kc)
     lo, hi = uv.min(axis=0), uv.max(axis=0)
     assert np.all(lo > 0) and np.all(hi < [w - 1, h - 1])   # the whole head is in the picture
     ys, xs = np.nonzero(frags.mask)
@@ -174,14 +175,14 @@ def test_face_model_silhouette_matches_projected_vertices(model):
     assert abs(ys.min() - lo[1]) <= 1.0 and abs(ys.max() - hi[1]) <= 1.0
     # the nose tip is the nearest thing in its pixel: depth there is (about) the vertex's z
     nose = model.landmark68_vertices[30]
-    u, v = np.round(project_points(cam[[nose]], Kc)[0]).astype(int)
+    u, v = np.round(project(cam[[nose]], Kc)[0]).astype(int)
     assert frags.mask[v, u]
     assert abs(frags.depth_cm[v, u] - cam[nose, 2]) < 0.3
     # every covered pixel's surface point projects onto its pixel centre
     sel = np.random.default_rng(0).choice(len(ys), 500, replace=False)
     t_ids = frags.triangle_id[ys[sel], xs[sel]]
     P = np.einsum("nij,ni->nj", cam[tris[t_ids]], frags.barycentric[ys[sel], xs[sel]].astype(np.float64))
-    np.testing.assert_allclose(project_points(P, Kc), np.c_[xs[sel], ys[sel]], atol=2e-3)
+    np.testing.assert_allclose(project(P, Kc), np.c_[xs[sel], ys[sel]], atol=2e-3)
 
 
 # ---------------------------------------------------------------- normals
