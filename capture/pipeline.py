@@ -38,6 +38,7 @@ class CaptureSettings:
     static: bool = False            # photos: every picture fitted on its own
     identity_frames: int = 40       # frames with a face before a take's identity locks
     photo_passes: int = 4           # fit passes over one photo (identity and expression alternate)
+    photo_identity_prior: float = 0.5
     expression_cutoff_hz: float = 1.5
     expression_beta: float = 2.0
     pose_cutoff_hz: float = 1.5     # tuned on d10/d12/d14: lag ≤ 1.6% of the eye distance (median)
@@ -112,8 +113,11 @@ class FaceCapture:
 
     def _new_fitter(self) -> None:
         s = self.settings
-        self.fitter = TakeFitter(self.basis, FitSettings(
-            identity_frames=s.photo_passes if s.static else s.identity_frames))
+        if s.static:  # one photo's passes see the same landmarks: its prior must not weaken with them
+            fit = FitSettings(identity_frames=s.photo_passes, identity_prior_joint=s.photo_identity_prior)
+        else:
+            fit = FitSettings(identity_frames=s.identity_frames)
+        self.fitter = TakeFitter(self.basis, fit)
 
     def _update_eyes(self, identity: np.ndarray) -> None:
         """Eyeball centres and rest gaze for this identity (only the eye vertices are built)."""

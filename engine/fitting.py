@@ -85,7 +85,7 @@ class LandmarkBasis:
 class FitSettings:
     """Weights of the priors, in cm² of landmark error per unit² of weight."""
 
-    expression_prior: float = 2e-3     # pulls unobserved shapes towards 0
+    expression_prior: float = 0.05     # pulls shapes the landmarks barely see towards 0
     identity_prior: float = 0.5        # per frame with a face, against weights ~ N(0, 1)
     iterations: int = 2                # Gauss-Newton steps per tracked frame (1 already converges on video)
     first_iterations: int = 12         # steps when (re)starting without a previous pose
