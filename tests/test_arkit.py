@@ -16,13 +16,8 @@ from engine.arkit import (
     arkit_name_of_model_shape,
     pascal_case,
 )
-from engine.facemodel import FaceModel
 from engine.pose import default_camera_matrix, model_to_camera, project
 
-
-@pytest.fixture(scope="module")
-def model() -> FaceModel:
-    return FaceModel.load()
 
 
 # ---------------------------------------------------------------- names

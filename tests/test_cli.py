@@ -139,10 +139,6 @@ def _assert_take_consistent(out: Path, fps: float, mesh_ext: str | None = "obj")
 # ----------------------------------------------------------------------------- the d12 take
 
 
-@pytest.fixture(scope="module")
-def model() -> FaceModel:
-    return FaceModel.load()
-
 
 @pytest.fixture(scope="module")
 def take(tmp_path_factory):

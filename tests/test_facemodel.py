@@ -20,10 +20,6 @@ from engine.facemodel import (
 )
 
 
-@pytest.fixture(scope="module")
-def model() -> FaceModel:
-    return FaceModel.load()
-
 
 # ---------------------------------------------------------------- loading
 

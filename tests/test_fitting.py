@@ -13,7 +13,7 @@ import pytest
 
 
 from engine.correspondence import LandmarkCorrespondence
-from engine.facemodel import FACE_VERTICES, FaceModel
+from engine.facemodel import FACE_VERTICES
 from engine.fitting import FitSettings, LandmarkBasis, TakeFitter, initial_pose
 from engine.gaze import IRIS_LANDMARKS
 from engine.pose import default_camera_matrix, model_to_camera, project, rotation_to_axis_angle
@@ -22,10 +22,6 @@ W, H = 640, 480
 N_FRAMES, IDENTITY_FRAMES, MEASURED = 30, 20, 10
 NOISE_PX = 0.5
 
-
-@pytest.fixture(scope="module")
-def model() -> FaceModel:
-    return FaceModel.load()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 
 from engine.correspondence import LandmarkCorrespondence
-from engine.facemodel import FaceModel, barycentric_points
+from engine.facemodel import barycentric_points
 from engine.gaze import FULL_LOOK_PITCH, FULL_LOOK_YAW, IRIS_CENTRES, EyeModel, eye_look_weights, gaze_angles
 from engine.pose import default_camera_matrix, euler_yxz, model_to_camera, project
 
@@ -18,10 +18,6 @@ HEAD_POSES = [  # (yaw, pitch, roll) degrees, translation cm
     ((-25.0, 12.0, -8.0), (-3.0, -1.5, 70.0)),
 ]
 
-
-@pytest.fixture(scope="module")
-def model() -> FaceModel:
-    return FaceModel.load()
 
 
 @pytest.fixture(scope="module")

@@ -150,12 +150,6 @@ def test_degenerate_triangle_draws_nothing():
 # ---------------------------------------------------------------- the real face model
 
 
-@pytest.fixture(scope="module")
-def model():
-    from engine.facemodel import FaceModel
-
-    return FaceModel.load()
-
 
 def test_face_model_silhouette_matches_projected_vertices(model):
     from trainers.correspondence import drawn_triangles
