@@ -228,6 +228,9 @@ def main(argv=None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"capture: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outputs are closed on the way out: what was written stays valid
+        print("capture: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
