@@ -8,7 +8,6 @@ stamp=.venv/.installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
 # torch first and pinned: the CPU build lies in pip's find-links here; an unpinned
 # torch would pull a newer CUDA build of several gigabytes.
 .venv/bin/python -m pip install -q "torch==2.13.0"
