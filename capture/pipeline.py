@@ -23,7 +23,8 @@ from engine.filters import OneEuroFilter
 from engine.fitting import FitSettings, LandmarkBasis, TakeFitter
 from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, eye_look_weights, gaze_angles, gaze_visibility,
                          lid_aperture)
-from engine.pose import FRONTAL, default_camera_matrix, head_rotation, rodrigues, rotation_to_axis_angle, yaw_pitch_roll
+from engine.pose import (FRONTAL, default_camera_matrix, head_rotation, project, rodrigues, rotation_to_axis_angle,
+                         yaw_pitch_roll)
 
 STAGES = ("decode", "landmarks", "fit", "filter", "write")
 
@@ -99,7 +100,17 @@ class FaceCapture:
         self._identity_of_mesh = None
         self.eyes = None
         self._eyes_identity = None
+        self._warm_up()
         self.reset()
+
+    def _warm_up(self) -> None:
+        """Load the fitter's compiled kernels now, not on a live take's first frame."""
+        K = default_camera_matrix(640, 480)
+        R, t = FRONTAL, np.array([0.0, 0.0, 60.0])
+        identity = np.zeros(self.basis.identity.shape[0])
+        landmarks = project(self.basis.points(identity, np.zeros(self.model.n_expression)) @ R.T + t, K)
+        fitter = TakeFitter(self.basis, FitSettings(identity_frames=1, identity_rounds=1))
+        fitter.fit(landmarks, K)
 
     def reset(self) -> None:
         """Start a new take: identity, tracking and filters start afresh."""

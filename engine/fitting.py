@@ -92,6 +92,7 @@ class FitSettings:
     identity_frames: int = 40          # frames with a face before identity locks
     identity_prior_joint: float = 0.05  # for the whole take, in the joint solve at lock time
     identity_rounds: int = 3           # rounds of the joint solve over the stored frames
+    identity_joint_frames: int = 20    # at most this many of them, evenly spread (bounds the one-off cost)
 
 
 @dataclass
@@ -364,7 +365,9 @@ class TakeFitter:
             self._b += b
             self._frames_for_identity += 1
             n = self._frames_for_identity
-            self._kept.append([landmarks_px, K, R, t, e, lower, upper])
+            stride = max(1, s.identity_frames // s.identity_joint_frames)
+            if (n - 1) % stride == 0:
+                self._kept.append([landmarks_px, K, R, t, e, lower, upper])
             self.identity = np.linalg.solve(self._A + s.identity_prior * n * np.eye(len(self._b)), self._b)
             if n >= s.identity_frames:
                 # ...then one joint solve over every kept frame, and the identity locks
