@@ -92,10 +92,9 @@ class FaceCapture:
                       eye_look_weights(np.zeros((2, 2)))}
         self._expression_2d = model.expression_modes.reshape(model.n_expression, -1)
         self.tracker = FaceTracker(static=self.settings.static, small_faces=self.settings.small_faces)
-        sclera = np.isin(model.triangle_material, [model.materials.index(m) for m in ("M_ScleraLeft", "M_ScleraRight")])
         # the vertices the eye model reads: both scleras and the iris landmarks' triangles
-        self._eye_vertices = np.unique(np.r_[model.triangles[sclera].ravel(),
-                                             model.triangles[self._iris_surface[0]].ravel()])
+        self._eye_vertices = np.union1d(model.material_vertices("M_ScleraLeft", "M_ScleraRight"),
+                                        model.triangles[self._iris_surface[0]])
         self._identity_mesh = None
         self._identity_of_mesh = None
         self.eyes = None

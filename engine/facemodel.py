@@ -105,6 +105,14 @@ class FaceModel:
     def n_expression(self) -> int:
         return self.expression_modes.shape[0]
 
+    def material_mask(self, *names: str) -> np.ndarray:
+        """(T,) True for the triangles of the named materials (e.g. "M_ScleraLeft")."""
+        return np.isin(self.triangle_material, [self.materials.index(n) for n in names])
+
+    def material_vertices(self, *names: str) -> np.ndarray:
+        """Sorted ids of the vertices of the named materials' triangles."""
+        return np.unique(self.triangles[self.material_mask(*names)])
+
     def arkit_mapping(self) -> np.ndarray:
         """(52, M) matrix from model expression weights to ARKit values."""
         return arkit_mapping_matrix(self.expression_names)

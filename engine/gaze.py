@@ -59,8 +59,7 @@ class EyeModel:
         iris = iris_points_model if left_first else iris_points_model[::-1]
         centres, radii, rests = [], [], []
         for side, p_iris in zip(("Left", "Right"), iris):
-            sclera = np.unique(model.triangles[model.triangle_material == model.materials.index("M_Sclera" + side)])
-            p = vertices[sclera]
+            p = vertices[model.material_vertices("M_Sclera" + side)]
             c = p.mean(axis=0)
             centres.append(c)
             radii.append(np.linalg.norm(p_iris - c))  # the iris sits inside the sclera shell

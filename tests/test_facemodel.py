@@ -261,3 +261,12 @@ def test_truncated_archive_raises_face_model_error(tmp_path):
         f.write_bytes(src.read(65536))
     with pytest.raises(FaceModelError):
         FaceModel.load(f)
+
+
+def test_material_lookups(model):
+    sclera = model.material_mask("M_ScleraLeft")
+    assert sclera.sum() > 0
+    assert np.all(model.triangle_material[sclera] == model.materials.index("M_ScleraLeft"))
+    both = model.material_mask("M_ScleraLeft", "M_ScleraRight")
+    assert both.sum() == sclera.sum() + model.material_mask("M_ScleraRight").sum()
+    np.testing.assert_array_equal(model.material_vertices("M_ScleraLeft"), np.unique(model.triangles[sclera]))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.correspondence import DEFAULT_CORRESPONDENCE_PATH, LandmarkCorrespondence
-from engine.facemodel import FaceModel, barycentric_points
+from engine.facemodel import FACE_VERTICES, FaceModel, barycentric_points
 from engine.gaze import IRIS_LANDMARKS
 from engine.landmarks import N_LANDMARKS, MediaPipeLandmarker
 from engine.pose import model_to_camera
@@ -39,20 +39,20 @@ PUPIL_COLOUR = (0.03, 0.03, 0.03)
 
 def drawn_triangles(model: FaceModel) -> np.ndarray:
     """Indices of triangles with an opaque material."""
-    keep = [i for i, m in enumerate(model.materials) if MATERIAL_COLOURS.get(m) is not None]
-    return np.flatnonzero(np.isin(model.triangle_material, keep))
+    opaque = [m for m in model.materials if MATERIAL_COLOURS.get(m) is not None]
+    return np.flatnonzero(model.material_mask(*opaque))
 
 
 def vertex_colours(model: FaceModel) -> np.ndarray:
     """(V, 3) albedo: skin, with darker lips and brows painted around the 68 landmarks."""
     V = model.n_vertices
     colours = np.zeros((V, 3), np.float32)
-    for i, m in enumerate(model.materials):
+    for m in model.materials:
         c = MATERIAL_COLOURS.get(m)
         if c is not None:
-            colours[np.unique(model.triangles[model.triangle_material == i])] = c
+            colours[model.material_vertices(m)] = c
     rest = model.neutral
-    face = np.arange(9409)
+    face = np.arange(FACE_VERTICES.stop)
     lm = rest[model.landmark68_vertices]
 
     def paint(centres: np.ndarray, radius_cm: float, colour) -> None:
@@ -61,7 +61,7 @@ def vertex_colours(model: FaceModel) -> np.ndarray:
         colours[face] = colours[face] * (1 - w) + np.asarray(colour) * w
 
     for side in ("Left", "Right"):
-        sclera = np.unique(model.triangles[model.triangle_material == model.materials.index("M_Sclera" + side)])
+        sclera = model.material_vertices("M_Sclera" + side)
         centre = rest[sclera].mean(axis=0)
         front = rest[sclera[np.argmax(rest[sclera, 2])]] - centre
         cos = (rest[sclera] - centre) @ front / (np.linalg.norm(rest[sclera] - centre, axis=1) * np.linalg.norm(front))
@@ -136,8 +136,7 @@ def landmark_surface_points(frags: Fragments, landmarks_px: np.ndarray, on_eyeba
 
 def eyeball_triangles(model: FaceModel, tris: np.ndarray) -> np.ndarray:
     """(len(tris),) True where the triangle is sclera or iris."""
-    eyeball = [model.materials.index(m) for m in ("M_ScleraLeft", "M_ScleraRight", "M_IrisLeft", "M_IrisRight")]
-    return np.isin(model.triangle_material[tris], eyeball)
+    return model.material_mask("M_ScleraLeft", "M_ScleraRight", "M_IrisLeft", "M_IrisRight")[tris]
 
 
 def closest_points_on_mesh(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray):
@@ -251,8 +250,8 @@ def derive(model: FaceModel, n_identities: int = 4, seed: int = 0, size: int = 5
     for eyeball in (False, True):
         rows = np.flatnonzero(on_eyeball == eyeball)
         allowed = tris[is_eyeball == eyeball]
-        t, b = closest_points_on_mesh(centre[rows], rest, model.triangles[allowed])
-        triangle[rows], bary[rows] = allowed[t], b
+        nearest, b = closest_points_on_mesh(centre[rows], rest, model.triangles[allowed])
+        triangle[rows], bary[rows] = allowed[nearest], b
     return LandmarkCorrespondence(triangle=triangle.astype(np.int32), barycentric=bary,
                                   spread_cm=spread.astype(np.float32), n_views=detected)
 
