@@ -14,6 +14,7 @@ import numpy as np
 
 from capture.sinks import BackgroundMeshWriter, LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
 from capture.sources import FrameReader, FrameSource
+from capture.streams import StreamHub, stream_frame
 from capture.tracking import FaceTracker
 from engine.arkit import arkit_from_model
 from engine.contour import Landmarks68
@@ -26,7 +27,7 @@ from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, eye_look_weight
 from engine.pose import (FRONTAL, default_camera_matrix, head_rotation, project, rodrigues, rotation_to_axis_angle,
                          yaw_pitch_roll)
 
-STAGES = ("decode", "landmarks", "fit", "filter", "write")
+STAGES = ("decode", "landmarks", "fit", "filter", "stream", "write")
 
 
 @dataclass
@@ -215,7 +216,9 @@ class TakeWriter:
     place, track.npz checkpointed), so an error midway loses nothing written.
     """
 
-    def __init__(self, out_dir: Path, capture: FaceCapture, fps: float, mesh_format: str = "obj"):
+    def __init__(self, out_dir: Path, capture: FaceCapture, fps: float, mesh_format: str = "obj",
+                 source_fps: float | None = None):
+        """fps times the CSV's rows; source_fps (None: unknown, e.g. photos) goes into track.npz."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.capture = capture
@@ -225,7 +228,8 @@ class TakeWriter:
             self.meshes = BackgroundMeshWriter(
                 MeshSequenceWriter(self.out_dir / "meshes", capture.model.triangles, mesh_format))
         self.track = TrackWriter(self.out_dir / "track.npz", n_expression=capture.model.n_expression,
-                                 n_identity=capture.basis.identity.shape[0])
+                                 n_identity=capture.basis.identity.shape[0],
+                                 fps=source_fps or float("nan"))
         self._camera_set = False
 
     def write(self, result: FrameResult) -> None:
@@ -241,7 +245,7 @@ class TakeWriter:
         self.track.add(result.index, result.time_s, result.face_found, blendshapes=result.blendshapes,
                        expression=result.expression, rotation=result.rotation,
                        translation=result.translation, landmarks68=result.landmarks68,
-                       identity=result.identity)
+                       identity=result.identity, eyes_ypr_rad=result.eyes_ypr_rad)
 
     def close(self) -> None:
         try:
@@ -264,19 +268,20 @@ class TakeSummary:
 
 def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, mesh_format: str = "obj",
              progress: bool = True, max_frames: int | None = None, on_result=None,
-             queue_size: int = 4) -> TakeSummary:
+             queue_size: int = 4, streams: StreamHub | None = None) -> TakeSummary:
     """Drive a source through the pipeline into out_dir (None: no files).
 
     A SourceError raised midway (e.g. a truncated video) propagates after every
     frame before it has been written and the outputs closed.
-    on_result(frame, result) is called per frame (preview, streaming); return
-    False from it to stop.
+    Each result goes to the streams first (they want it soonest), then to the
+    files. on_result(frame, result) is called per frame after both (preview);
+    return False from it to stop.
     """
     from tqdm import tqdm
 
     summary = TakeSummary()
     fps = source.fps or 30.0
-    writer = TakeWriter(out_dir, capture, fps, mesh_format) if out_dir is not None else None
+    writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps) if out_dir is not None else None
     total = source.frame_count if max_frames is None else min(max_frames, source.frame_count or max_frames)
     bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, leave=True)
     start = time.perf_counter()
@@ -284,6 +289,10 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     try:
         for frame in reader:
             result = capture.process(frame.image, frame.time_s, frame.index)
+            t0 = time.perf_counter()
+            if streams is not None:
+                streams.send(stream_frame(result, frame.captured_s, fps))
+            result.timings_s["stream"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if writer is not None:
                 writer.write(result)

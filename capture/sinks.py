@@ -438,8 +438,9 @@ class TrackWriter:
     CHECKPOINT_COST_RATIO = 20.0
 
     def __init__(self, path, camera_matrix=None, image_size=None, n_expression: int = 53,
-                 checkpoint_every_s: float = 2.0, n_identity: int = 60):
+                 checkpoint_every_s: float = 2.0, n_identity: int = 60, fps: float = float("nan")):
         self.path = os.fspath(path)
+        self.fps = float(fps)
         self.n_expression = int(n_expression)
         self.n_identity = int(n_identity)
         self.checkpoint_every_s = float(checkpoint_every_s)
@@ -462,6 +463,7 @@ class TrackWriter:
             "rotation": ((3, 3), np.float32, np.nan),
             "translation": ((3,), np.float32, np.nan),
             "landmarks68": ((68, 2), np.float32, np.nan),
+            "eyes_ypr_rad": ((2, 3), np.float32, np.nan),
             "identity_per_frame": ((self.n_identity,), np.float32, np.nan),
         }
         self._buf = {k: np.full((0, *s), fill, dtype=dt) for k, (s, dt, fill) in self._spec.items()}
@@ -492,7 +494,7 @@ class TrackWriter:
 
     def add(self, frame_index: int, time_s: float, face_found: bool, blendshapes=None,
             expression=None, rotation=None, translation=None, landmarks68=None,
-            identity=None) -> None:
+            identity=None, eyes_ypr_rad=None) -> None:
         """Appends one frame; saves a checkpoint if ``checkpoint_every_s`` has passed.
 
         identity (n_identity,) is the identity this frame was fitted with: it changes while
@@ -501,7 +503,8 @@ class TrackWriter:
         if self._closed:
             raise ValueError("writer is closed")
         values = {"blendshapes": blendshapes, "expression": expression, "rotation": rotation,
-                  "translation": translation, "landmarks68": landmarks68, "identity_per_frame": identity}
+                  "translation": translation, "landmarks68": landmarks68, "identity_per_frame": identity,
+                  "eyes_ypr_rad": eyes_ypr_rad}
         checked = {}
         for name, value in values.items():
             if value is None or not face_found:
@@ -532,6 +535,7 @@ class TrackWriter:
         out["identity"] = self.identity
         out["camera_matrix"] = self.camera_matrix
         out["image_size"] = self.image_size
+        out["fps"] = np.float64(self.fps)
         return out
 
     def save(self) -> None:

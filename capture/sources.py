@@ -12,7 +12,7 @@ import collections
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,6 +29,7 @@ class Frame:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     name: str  # file path for images, "" for video/camera frames
     decode_s: float = 0.0  # seconds spent reading + decoding this frame
+    captured_s: float = field(default_factory=time.perf_counter)  # perf_counter when it left the source
 
 
 class SourceError(Exception):

@@ -259,10 +259,12 @@ def test_track_round_trip_with_missing_face(tmp_path):
         "identity": ((100,), np.float32), "rotation": ((4, 3, 3), np.float32),
         "translation": ((4, 3), np.float32), "camera_matrix": ((3, 3), np.float64),
         "landmarks68": ((4, 68, 2), np.float32), "image_size": ((2,), np.int64),
-        "identity_per_frame": ((4, 60), np.float32),
+        "identity_per_frame": ((4, 60), np.float32), "eyes_ypr_rad": ((4, 2, 3), np.float32),
+        "fps": ((), np.float64),
     }
     assert set(t) == set(expected)
     assert np.isnan(t["identity_per_frame"]).all()  # no frame passed its identity
+    assert np.isnan(t["eyes_ypr_rad"]).all() and np.isnan(t["fps"])  # none given: NaN, not invented
     for name, (shape, dtype) in expected.items():
         assert t[name].shape == shape, name
         if dtype is not None:

@@ -1,0 +1,184 @@
+"""capture/streams.py: URLs, the hub's fan-out and rate cap, frames from results and tracks, replay."""
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from capture import streams
+from capture.pipeline import FrameResult
+from capture.sinks import TrackWriter, load_track
+from capture.streams import (StreamError, StreamFrame, StreamHub, UdpStream, open_stream, replay, stream_frame,
+                             track_frames)
+from engine.pose import model_to_camera
+
+
+class Recorder(streams.Stream):
+    """A stream that keeps what it is sent; options come from the URL query."""
+
+    scheme = "rec"
+    default_port = 4321
+
+    def __init__(self, host, port, colour="none"):
+        super().__init__(host, port)
+        self.colour = colour
+        self.frames = []
+        self.closed = False
+
+    def send(self, frame):
+        self.frames.append(frame)
+
+    def close(self):
+        self.closed = True
+
+
+class Broken(Recorder):
+    scheme = "broken"
+
+    def send(self, frame):
+        raise RuntimeError("receiver bug")
+
+
+@pytest.fixture
+def protocols(monkeypatch):
+    table = dict(streams.PROTOCOLS, rec=(__name__, "Recorder"), broken=(__name__, "Broken"))
+    monkeypatch.setattr(streams, "PROTOCOLS", table)
+
+
+def frame(i, time_s, face=True):
+    return StreamFrame(i, time_s, time.perf_counter(), face, blendshapes=np.full(52, 0.5) if face else None)
+
+
+def test_url_defaults_and_options(protocols):
+    s = open_stream("rec://")
+    assert (s.host, s.port, s.colour) == ("127.0.0.1", 4321, "none")
+    s = open_stream("rec://10.1.2.3:99?colour=red")
+    assert (s.host, s.port, s.colour) == ("10.1.2.3", 99, "red")
+    assert s.url == "rec://10.1.2.3:99"
+
+
+@pytest.mark.parametrize("url, words", [
+    ("127.0.0.1:39539", "needs a protocol"),
+    ("osc://127.0.0.1:9000", "unknown stream protocol osc://"),
+    ("rec://host:port", "bad port"),
+    ("rec://host:1/path", "has a path"),
+    ("rec://host:1?shade=blue", "bad option"),
+])
+def test_bad_urls_are_one_line_errors(protocols, url, words):
+    with pytest.raises(StreamError) as err:
+        open_stream(url)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_registered_protocol_opens_with_defaults():
+    for scheme in streams.PROTOCOLS:
+        s = open_stream(f"{scheme}://127.0.0.1:0" if scheme == "ws" else f"{scheme}://")
+        try:
+            assert s.scheme == scheme and s.default_port > 0
+        finally:
+            s.close()
+
+
+def test_hub_fans_out_and_caps_the_rate():
+    a, b = Recorder("h", 1), Recorder("h", 2)
+    hub = StreamHub([a, b], max_fps=10)
+    sent = [hub.send(frame(i, i / 30)) for i in range(30)]  # one second at 30 frames/s
+    assert sum(sent) == 10
+    assert [f.index for f in a.frames] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+    assert [f.index for f in b.frames] == [f.index for f in a.frames]
+    hub.close()
+    assert a.closed and b.closed
+
+
+def test_hub_cap_at_the_source_rate_keeps_every_frame():
+    a = Recorder("h", 1)
+    hub = StreamHub([a], max_fps=30)
+    times = np.arange(60) / 30 + np.random.default_rng(0).normal(0, 2e-4, 60)  # camera clock jitter
+    assert all(hub.send(frame(i, t)) for i, t in enumerate(times))
+
+
+def test_a_failing_stream_is_dropped_and_the_others_go_on(capsys):
+    good, bad = Recorder("h", 1), Broken("h", 2)
+    hub = StreamHub([bad, good])
+    for i in range(5):
+        hub.send(frame(i, i / 30))
+    assert len(good.frames) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken://h:2 stopped: RuntimeError: receiver bug" in err[0]
+    assert hub.failed == {"broken://h:2": "RuntimeError: receiver bug"}
+
+
+def test_bad_rate_cap():
+    with pytest.raises(StreamError):
+        StreamHub([], max_fps=0)
+
+
+def test_udp_stream_without_receiver_never_blocks():
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nobody listens on this port now
+    s = UdpStream("127.0.0.1", port)
+    start = time.perf_counter()
+    for _ in range(1000):
+        s.send_datagrams([b"x" * 1000], time.perf_counter())
+    assert time.perf_counter() - start < 1.0
+    assert s.sent == 1000 and len(s.latency_s) == 1000
+    s.close()
+
+
+def test_unresolvable_host():
+    with pytest.raises(StreamError, match="cannot resolve"):
+        UdpStream("no-such-host.invalid", 9000)
+
+
+def test_stream_frame_from_a_result():
+    R = model_to_camera(0.3, -0.1, 0.05)
+    result = FrameResult(7, 0.25, True, np.eye(3), (640, 480), landmarks=np.ones((478, 3)), rotation=R,
+                         translation=np.array([1.0, 2.0, 60.0]), blendshapes=np.linspace(0, 1, 52),
+                         head_ypr_rad=np.array([0.3, -0.1, 0.05]), eyes_ypr_rad=np.zeros((2, 3)))
+    f = stream_frame(result, captured_s=12.5, fps=25.0)
+    assert (f.index, f.time_s, f.captured_s, f.fps, f.image_size) == (7, 0.25, 12.5, 25.0, (640, 480))
+    # the head rotation is the y-up face frame's: yaw about +y, and back to the same angles
+    from engine.pose import euler_yxz
+    np.testing.assert_allclose(f.head_rotation, euler_yxz(0.3, -0.1, 0.05), atol=1e-12)
+    assert f.landmarks_px.shape == (478, 2)
+    lost = stream_frame(FrameResult(8, 0.3, False, np.eye(3), (640, 480)), 13.0, 25.0)
+    assert not lost.face_found and lost.blendshapes is None and lost.head_rotation is None
+
+
+def test_track_frames_replay_what_was_recorded(tmp_path):
+    path = tmp_path / "track.npz"
+    writer = TrackWriter(path, np.eye(3), (320, 240), fps=25.0)
+    R = model_to_camera(-0.2, 0.1, 0.0)
+    eyes = np.array([[0.1, -0.05, 0.0], [0.12, -0.04, 0.0]])
+    writer.add(0, 0.0, True, blendshapes=np.full(52, 0.25), rotation=R, translation=np.array([0, 0, 50.0]),
+               landmarks68=np.zeros((68, 2)), eyes_ypr_rad=eyes)
+    writer.add(1, 0.04, False)
+    writer.close()
+    frames = list(track_frames(load_track(path)))
+    assert [f.face_found for f in frames] == [True, False]
+    assert frames[0].fps == 25.0 and frames[0].image_size == (320, 240)
+    np.testing.assert_allclose(frames[0].head_ypr_rad, [-0.2, 0.1, 0.0], atol=1e-6)
+    np.testing.assert_allclose(frames[0].eyes_ypr_rad, eyes, atol=1e-7)
+    np.testing.assert_allclose(frames[0].blendshapes, 0.25)
+    assert frames[1].blendshapes is None
+
+
+def test_replay_keeps_the_takes_clock():
+    rec = Recorder("h", 1)
+    frames = [frame(i, i * 0.05) for i in range(8)]  # 0.35 s of take
+    start = time.perf_counter()
+    assert replay(frames, StreamHub([rec]), speed=2.0) == 8
+    elapsed = time.perf_counter() - start
+    assert 0.17 <= elapsed < 0.35  # 0.175 s at double speed
+    sent_at = np.array([f.captured_s for f in rec.frames]) - rec.frames[0].captured_s
+    np.testing.assert_allclose(sent_at, np.arange(8) * 0.025, atol=0.015)
+
+
+def test_replay_stops_when_asked():
+    rec = Recorder("h", 1)
+    frames = [frame(i, i * 0.01) for i in range(50)]
+    assert replay(frames, StreamHub([rec]), should_stop=lambda: len(rec.frames) >= 3) == 3
