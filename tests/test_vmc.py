@@ -1,0 +1,273 @@
+"""Tests for the vmc:// stream: real UDP bundles decoded by python-osc (an independent receiver)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from pythonosc.dispatcher import Dispatcher
+from pythonosc.osc_bundle import OscBundle
+from pythonosc.osc_server import BlockingOSCUDPServer
+
+from capture.streams import StreamError, StreamFrame, open_stream
+from capture.vmc import VmcStream, unity_head_quaternion, vmc_bundle
+from engine.arkit import ARKIT_NAMES
+from engine.pose import euler_yxz
+
+PASCAL = [n[0].upper() + n[1:] for n in ARKIT_NAMES]
+MIRROR_X = np.diag([-1.0, 1.0, 1.0])
+
+
+def face_frame(index=0, time_s=1.25, blendshapes=None, rotation=None):
+    if blendshapes is None:
+        blendshapes = np.linspace(0.0, 1.0, 52) ** 2  # 52 distinct values, 0 and 1 included
+    return StreamFrame(index=index, time_s=time_s, captured_s=time.perf_counter(), face_found=True,
+                       blendshapes=np.asarray(blendshapes, dtype=np.float32),
+                       head_rotation=np.eye(3) if rotation is None else rotation,
+                       eyes_ypr_rad=np.zeros((2, 3)))
+
+
+def lost_frame(index=1, time_s=2.5):
+    return StreamFrame(index=index, time_s=time_s, captured_s=time.perf_counter(), face_found=False)
+
+
+class Receiver:
+    """python-osc's UDP server on an ephemeral port, recording (address, args) in arrival order."""
+
+    def __init__(self):
+        self.messages: list[tuple[str, list]] = []
+        self._changed = threading.Condition()
+        dispatcher = Dispatcher()
+        dispatcher.set_default_handler(self._record)
+        self.server = BlockingOSCUDPServer(("127.0.0.1", 0), dispatcher)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+                                        daemon=True)
+        self._thread.start()
+
+    def _record(self, address, *args):
+        with self._changed:
+            self.messages.append((address, list(args)))
+            self._changed.notify_all()
+
+    def wait_for(self, address: str, count: int = 1, timeout_s: float = 2.0) -> list:
+        """Block until `count` messages with this address arrived; all messages so far."""
+        with self._changed:
+            ok = self._changed.wait_for(lambda: sum(a == address for a, _ in self.messages) >= count, timeout_s)
+            assert ok, f"timed out waiting for {address}; got {[a for a, _ in self.messages]}"
+            return list(self.messages)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def raw_socket():
+    """A plain UDP socket for catching whole datagrams (bundle structure checks)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(2.0)
+    yield s
+    s.close()
+
+
+def quaternion_matrix(x, y, z, w):
+    """Unit quaternion -> rotation matrix (the standard formula Unity also uses)."""
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def head_quaternion_via_udp(receiver, rotation):
+    before = len(receiver.messages)
+    frames_before = sum(a == "/VMC/Ext/T" for a, _ in receiver.messages)
+    stream = VmcStream("127.0.0.1", receiver.port)
+    try:
+        stream.send(face_frame(rotation=rotation))
+        messages = receiver.wait_for("/VMC/Ext/T", count=frames_before + 1)
+    finally:
+        stream.close()
+    bones = [args for address, args in messages[before:] if address == "/VMC/Ext/Bone/Pos"]
+    assert len(bones) == 1 and bones[0][0] == "Head"
+    return np.array(bones[0][4:8])
+
+
+# ------------------------------------------------------------ blend shapes and bundle layout
+
+
+@pytest.mark.parametrize("names, expected_names", [("arkit", list(ARKIT_NAMES)), ("pascal", PASCAL)])
+def test_blendshapes_arrive_exactly(receiver, names, expected_names):
+    frame = face_frame()
+    stream = open_stream(f"vmc://127.0.0.1:{receiver.port}?names={names}")
+    try:
+        stream.send(frame)
+        messages = receiver.wait_for("/VMC/Ext/T")
+    finally:
+        stream.close()
+    vals = [args for address, args in messages if address == "/VMC/Ext/Blend/Val"]
+    assert [name for name, _ in vals] == expected_names
+    assert [value for _, value in vals] == [float(np.float32(v)) for v in frame.blendshapes]
+    assert all(len(args) == 2 for args in vals)
+    addresses = [a for a, _ in messages]
+    # Apply comes after every Val, then the head, then OK and T
+    assert addresses == ["/VMC/Ext/Blend/Val"] * 52 + ["/VMC/Ext/Blend/Apply", "/VMC/Ext/Bone/Pos",
+                                                      "/VMC/Ext/OK", "/VMC/Ext/T"]
+    assert dict(messages)["/VMC/Ext/OK"] == [1, 3, 0, 1]
+    assert dict(messages)["/VMC/Ext/T"] == [float(np.float32(1.25))]
+    assert stream.sent == 1 and stream.dropped == 0 and len(stream.latency_s) == 1
+
+
+def test_one_bundle_per_frame(raw_socket):
+    stream = VmcStream("127.0.0.1", raw_socket.getsockname()[1])
+    try:
+        stream.send(face_frame())
+        stream.send(lost_frame())
+        first, _ = raw_socket.recvfrom(65536)
+        second, _ = raw_socket.recvfrom(65536)
+    finally:
+        stream.close()
+    assert OscBundle.dgram_is_bundle(first) and OscBundle.dgram_is_bundle(second)
+    bundle = OscBundle(first)
+    contents = [bundle.content(i) for i in range(bundle.num_contents)]
+    assert [m.address for m in contents[:52]] == ["/VMC/Ext/Blend/Val"] * 52
+    assert [m.address for m in contents[52:]] == ["/VMC/Ext/Blend/Apply", "/VMC/Ext/Bone/Pos",
+                                                  "/VMC/Ext/OK", "/VMC/Ext/T"]
+    # well under one UDP datagram's limit; about 2.7 KB
+    assert 2000 < len(first) < 4000
+    lost = OscBundle(second)
+    assert [lost.content(i).address for i in range(lost.num_contents)] == ["/VMC/Ext/OK", "/VMC/Ext/T"]
+
+
+def test_values_are_clipped_and_nan_free():
+    shapes = np.full(52, 0.5)
+    shapes[0], shapes[1], shapes[2] = 1.5, -0.25, np.nan
+    bundle = OscBundle(vmc_bundle(face_frame(blendshapes=shapes)))
+    values = [bundle.content(i).params[1] for i in range(52)]
+    assert values[:3] == [1.0, 0.0, 0.0] and values[3:] == [0.5] * 49
+
+
+def test_face_lost_holds_pose(receiver):
+    stream = VmcStream("127.0.0.1", receiver.port)
+    try:
+        stream.send(lost_frame(time_s=2.5))
+        messages = receiver.wait_for("/VMC/Ext/T")
+    finally:
+        stream.close()
+    assert messages == [("/VMC/Ext/OK", [1, 3, 0, 0]), ("/VMC/Ext/T", [2.5])]
+
+
+def test_face_found_without_blendshapes_counts_as_lost():
+    frame = face_frame()
+    frame.blendshapes = None
+    bundle = OscBundle(vmc_bundle(frame))
+    assert [bundle.content(i).address for i in range(bundle.num_contents)] == ["/VMC/Ext/OK", "/VMC/Ext/T"]
+    assert bundle.content(0).params[3] == 0
+
+
+# ------------------------------------------------------------ head rotation
+
+
+@pytest.mark.parametrize("yaw_deg, pitch_deg, roll_deg", [
+    (0, 0, 0), (30, 0, 0), (-30, 0, 0), (0, 20, 0), (0, 0, 15),
+    (25, -10, 5), (-60, 35, -20), (170, 5, 0), (90, 80, 45),
+])
+def test_quaternion_decodes_back_to_rotation(receiver, yaw_deg, pitch_deg, roll_deg):
+    R_head = euler_yxz(*np.radians([yaw_deg, pitch_deg, roll_deg]))
+    q = head_quaternion_via_udp(receiver, R_head)
+    assert np.linalg.norm(q) == pytest.approx(1.0, abs=1e-6)
+    assert q[3] >= 0
+    R_unity = quaternion_matrix(*q)
+    # undo the x mirror: back in ARKit's face frame it is the rotation we sent
+    np.testing.assert_allclose(MIRROR_X @ R_unity @ MIRROR_X, R_head, atol=2e-6)
+
+
+def test_turn_toward_subjects_left_is_negative_unity_yaw(receiver):
+    q = head_quaternion_via_udp(receiver, euler_yxz(np.radians(30), 0.0, 0.0))
+    forward = quaternion_matrix(*q) @ [0.0, 0.0, 1.0]
+    # the avatar faces its own left: Unity -x, a negative rotation about +y
+    assert forward[0] == pytest.approx(-np.sin(np.radians(30)), abs=1e-6)
+    assert q[1] == pytest.approx(-np.sin(np.radians(15)), abs=1e-6) and q[0] == q[2] == 0.0
+
+
+def test_chin_down_and_roll_to_right_shoulder(receiver):
+    q = head_quaternion_via_udp(receiver, euler_yxz(0.0, np.radians(20), 0.0))
+    assert (quaternion_matrix(*q) @ [0.0, 0.0, 1.0])[1] < -0.3  # looks down
+    assert q[0] > 0  # Unity: positive rotation about +x pitches the face down
+    q = head_quaternion_via_udp(receiver, euler_yxz(0.0, 0.0, np.radians(20)))
+    assert (quaternion_matrix(*q) @ [0.0, 1.0, 0.0])[0] > 0.3  # crown toward the avatar's right (+x)
+
+
+def test_quaternion_near_half_turn():
+    for axis in np.eye(3):
+        angle = np.pi - 1e-9
+        K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        R = np.eye(3) + np.sin(angle) * K + (1 - np.cos(angle)) * K @ K
+        q = unity_head_quaternion(R)
+        np.testing.assert_allclose(MIRROR_X @ quaternion_matrix(*q) @ MIRROR_X, R, atol=1e-7)
+
+
+def test_head_position_default_and_option(receiver):
+    stream = VmcStream("127.0.0.1", receiver.port)
+    other = open_stream(f"vmc://127.0.0.1:{receiver.port}?head_pos=0.01,0.1,-0.02")
+    try:
+        stream.send(face_frame())
+        receiver.wait_for("/VMC/Ext/T", 1)
+        other.send(face_frame())
+        messages = receiver.wait_for("/VMC/Ext/T", 2)
+    finally:
+        stream.close()
+        other.close()
+    bones = [args for address, args in messages if address == "/VMC/Ext/Bone/Pos"]
+    assert bones[0][1:4] == [0.0, float(np.float32(0.08)), 0.0]
+    assert bones[1][1:4] == [float(np.float32(v)) for v in (0.01, 0.1, -0.02)]
+
+
+# ------------------------------------------------------------ URLs, options, robustness
+
+
+def test_open_stream_defaults():
+    stream = open_stream("vmc://")
+    try:
+        assert isinstance(stream, VmcStream)
+        assert (stream.host, stream.port) == ("127.0.0.1", 39539)
+        assert stream.names == ARKIT_NAMES
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("query, words", [
+    ("names=camel", "names"), ("colour=red", "unknown"), ("head_pos=1,2", "head_pos"),
+    ("head_pos=a,b,c", "head_pos"), ("head_pos=0,nan,0", "head_pos"),
+])
+def test_bad_options_raise_one_line(query, words):
+    with pytest.raises(StreamError) as info:
+        open_stream(f"vmc://127.0.0.1:39539?{query}")
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_no_receiver_never_blocks_or_raises():
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nobody listens there now
+    stream = VmcStream("127.0.0.1", port)
+    start = time.perf_counter()
+    try:
+        for i in range(100):
+            stream.send(face_frame(index=i) if i % 10 else lost_frame(index=i))
+    finally:
+        stream.close()
+    assert time.perf_counter() - start < 1.0
+    assert stream.sent == 100
