@@ -53,6 +53,28 @@ LIVELINK_CSV_NAMES: tuple[str, ...] = (
     "TongueOut",
 )
 
+#: The 52 shapes in Unreal's EARFaceBlendShape enum order (ARTrackable.h), the
+#: order of the first 52 floats of a Live Link Face UDP packet. It is Apple's
+#: order (ARKIT_NAMES) in PascalCase; the CSV order above differs from it at
+#: JawLeft/JawRight and MouthLeft/MouthRight, so never index one by the other.
+LIVELINK_UDP_NAMES: tuple[str, ...] = (
+    "EyeBlinkLeft", "EyeLookDownLeft", "EyeLookInLeft", "EyeLookOutLeft",
+    "EyeLookUpLeft", "EyeSquintLeft", "EyeWideLeft",
+    "EyeBlinkRight", "EyeLookDownRight", "EyeLookInRight", "EyeLookOutRight",
+    "EyeLookUpRight", "EyeSquintRight", "EyeWideRight",
+    "JawForward", "JawLeft", "JawRight", "JawOpen",
+    "MouthClose", "MouthFunnel", "MouthPucker", "MouthLeft", "MouthRight",
+    "MouthSmileLeft", "MouthSmileRight", "MouthFrownLeft", "MouthFrownRight",
+    "MouthDimpleLeft", "MouthDimpleRight", "MouthStretchLeft", "MouthStretchRight",
+    "MouthRollLower", "MouthRollUpper", "MouthShrugLower", "MouthShrugUpper",
+    "MouthPressLeft", "MouthPressRight", "MouthLowerDownLeft", "MouthLowerDownRight",
+    "MouthUpperUpLeft", "MouthUpperUpRight",
+    "BrowDownLeft", "BrowDownRight", "BrowInnerUp", "BrowOuterUpLeft", "BrowOuterUpRight",
+    "CheekPuff", "CheekSquintLeft", "CheekSquintRight",
+    "NoseSneerLeft", "NoseSneerRight",
+    "TongueOut",
+)
+
 #: The 9 values after the shapes in a Live Link Face row, radians.
 LIVELINK_POSE_NAMES: tuple[str, ...] = (
     "HeadYaw", "HeadPitch", "HeadRoll",
