@@ -3,6 +3,9 @@
     capture video IN [--out DIR]          a recorded video -> blendshapes.csv, meshes/, track.npz
     capture image IMG... [--out DIR]      photos or folders of photos, one row per picture
     capture live [--camera N] [--preview] a webcam, live, optionally recorded with --out
+    capture live --stream URL ...         ... and streamed to avatar applications (VMC, VRChat, Live Link, WebSocket)
+    capture stream DIR --to URL ...       replay a recorded take to the same streams at its own frame rate
+    capture export DIR --format gltf      a recorded take as one .glb (mesh, 52 morph targets, animation)
     capture model import FACEXMODEL_DIR   build the face model file from ICT-FaceKit's OBJ folder
 """
 from __future__ import annotations
@@ -20,18 +23,41 @@ from pathlib import Path  # noqa: E402
 
 from capture.console import NativeStderrFilter  # noqa: E402
 
-EPILOG = """\
+OUTPUTS_HELP = """\
 outputs (in --out DIR):
   blendshapes.csv   Live Link Face CSV: Timecode, BlendShapeCount (61), the 52 ARKit shapes,
                     head and eye yaw/pitch/roll in radians; one row per frame with a face
   meshes/NNNNNN.obj one mesh per frame with a face (ICT face model topology, camera
                     coordinates in centimetres: x right, y down, z forward)
   track.npz         every frame: face_found, blendshapes, expression, identity, rotation,
-                    translation, camera_matrix, landmarks68, image_size (see README)
+                    translation, eyes_ypr_rad, camera_matrix, landmarks68, image_size, fps (see README)
+"""
 
+STREAM_HELP = """\
+streams (--stream / --to URL, repeatable; host and port may be left out):
+  vmc://HOST:PORT       VMC protocol (OSC/UDP) to a Marionette such as VSeeFace (default 127.0.0.1:39539)
+  vrchat://HOST:PORT    VRChat OSC, VRCFaceTracking Unified Expressions v2 names (default 127.0.0.1:9000)
+  livelink://HOST:PORT  Unreal Live Link Face UDP packets (default 127.0.0.1:11111)
+  ws://HOST:PORT        a WebSocket server sending JSON per frame, and a page at http://HOST:PORT/
+                        showing the stream (default 127.0.0.1:8765; 0.0.0.0 to serve other machines)
+A receiver that is absent or goes away never stalls capture. Options go in the URL's query,
+e.g. vmc://127.0.0.1:39539?names=pascal (see README.md, Streaming).
+"""
+
+MODEL_HELP = """\
 the face model is read from --face-model, else $CAPTURE_FACE_MODEL, else
 ../shared/facemodel/ict_face_model_light.npz beside the project.
 """
+
+EPILOG = OUTPUTS_HELP + "\n" + MODEL_HELP
+LIVE_EPILOG = OUTPUTS_HELP + "\n" + STREAM_HELP + "\n" + MODEL_HELP
+
+
+def _stream_options(p: argparse.ArgumentParser, flag: str, required: bool) -> None:
+    p.add_argument(flag, dest="stream", action="append", metavar="URL", required=required, default=None,
+                   help="stream to vmc://, vrchat://, livelink:// or ws:// (repeat for several; see below)")
+    p.add_argument("--stream-fps", type=float, default=None,
+                   help="send at most this many frames a second (default: every frame)")
 
 
 class CaptureError(Exception):
@@ -76,17 +102,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, nargs="+", help="image files or folders")
     _common(p)
 
-    p = sub.add_parser("live", help="capture from a camera", epilog=EPILOG,
+    p = sub.add_parser("live", help="capture from a camera", epilog=LIVE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Live capture from a webcam. Stale frames are dropped so latency "
-                       "never builds up. Without --out nothing is written; Ctrl-C stops.")
+                       "never builds up. Without --out nothing is written; Ctrl-C stops. "
+                       "--stream sends every frame to avatar applications as it is captured.")
     p.add_argument("--camera", type=int, default=0, help="camera index (default: 0)")
     p.add_argument("--preview", action="store_true", help="show a window with the fitted mesh over the picture")
     p.add_argument("--width", type=int, default=None, help="requested camera width, px")
     p.add_argument("--height", type=int, default=None, help="requested camera height, px")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    _stream_options(p, "--stream", required=False)
     _common(p)
     p.set_defaults(mesh_format="none")
+
+    p = sub.add_parser("stream", help="replay a recorded take to avatar applications",
+                       epilog=STREAM_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Send a take recorded by `capture video` or `capture live --out` "
+                       "(its track.npz) to the streams at the take's own frame rate, as if it were live. "
+                       "Frames without a face are sent as tracking lost.")
+    p.add_argument("take", type=Path, help="a take folder (with track.npz) or a track.npz file")
+    _stream_options(p, "--to", required=True)
+    p.add_argument("--speed", type=float, default=1.0, help="playback speed (default: 1, real time)")
+    p.add_argument("--loop", action="store_true", help="replay until Ctrl-C")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("export", help="export a recorded take for animation tools",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODEL_HELP,
+                       description="Write a take recorded by `capture video` or `capture live --out` as one "
+                       "binary glTF 2.0 file (.glb): the take's face mesh (metres, y up), the 52 ARKit "
+                       "shapes as morph targets, and the take as morph-weight and head-rotation "
+                       "animation. Blender, Unreal, Maya (with a glTF importer) and three.js read it.")
+    p.add_argument("take", type=Path, help="a take folder (with track.npz) or a track.npz file")
+    p.add_argument("--format", choices=("gltf",), default="gltf", help="export format (default: gltf, as .glb)")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: TAKE/take.glb)")
+    p.add_argument("--face-model", type=Path, default=None, help="face model .npz (the one the take was made with)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("model", help="face model tools")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -162,6 +213,27 @@ def cmd_image(args) -> int:
     return 0
 
 
+def _open_streams(args):
+    """The --stream/--to URLs as a StreamHub, or None; every URL is checked before any opens."""
+    from capture.streams import StreamHub, open_stream
+
+    if not args.stream:
+        return None
+    streams = []
+    try:
+        for url in args.stream:
+            streams.append(open_stream(url))
+        hub = StreamHub(streams, args.stream_fps)
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    for stream in streams:
+        page = getattr(stream, "page_url", None)
+        print(f"streaming to {stream.url}" + (f" (page: {page})" if page else ""), file=sys.stderr)
+    return hub
+
+
 def cmd_live(args) -> int:
     from capture.pipeline import run_take
     from capture.preview import Preview, check_display
@@ -169,26 +241,105 @@ def cmd_live(args) -> int:
 
     if args.preview:
         check_display()
-    source = CameraSource(args.camera, args.width, args.height)
+    hub = _open_streams(args)
+    source = None
     try:
+        source = CameraSource(args.camera, args.width, args.height)
         capture = _load_capture(args, static=False)
     except BaseException:
-        source.close()
+        if source is not None:
+            source.close()
+        if hub is not None:
+            hub.close()
         raise
     preview = Preview(capture, f"capture: camera {args.camera}") if args.preview else None
     try:
         summary = run_take(source, capture, args.out, args.mesh_format, progress=not args.quiet,
                            max_frames=args.max_frames, on_result=preview.show if preview else None,
-                           queue_size=1)
+                           queue_size=1, streams=hub)
     except KeyboardInterrupt:
         summary = None
     finally:
         if preview is not None:
             preview.close()
+        if hub is not None:
+            hub.close()
         capture.close()
         source.close()
     if summary is not None:
         _report(summary, args.out)
+    return 0
+
+
+def _load_take(path: Path) -> tuple[dict, Path]:
+    """A take folder or its track.npz -> (arrays, folder); one-line errors for bad input."""
+    from capture.sinks import load_track
+
+    track_path = path / "track.npz" if path.is_dir() else path
+    if not track_path.is_file():
+        raise CaptureError(f"no track.npz in {path}" if path.is_dir() else f"no such take: {path}")
+    try:
+        track = load_track(track_path)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and format errors all mean "not a track"
+        raise CaptureError(f"cannot read {track_path}: {exc}") from None
+    missing = {"frame_index", "time_s", "face_found", "blendshapes", "rotation", "translation"} - set(track)
+    if missing:
+        raise CaptureError(f"{track_path} is not a capture track (missing {', '.join(sorted(missing))})")
+    return track, track_path.parent
+
+
+def cmd_stream(args) -> int:
+    import threading
+
+    from tqdm import tqdm
+
+    from capture.streams import replay, track_frames
+
+    if not args.speed > 0:
+        raise CaptureError(f"--speed must be > 0, got {args.speed}")
+    track, _ = _load_take(args.take)
+    n = len(track["frame_index"])
+    if n == 0:
+        raise CaptureError(f"{args.take} has no frames")
+    hub = _open_streams(args)
+    stop = threading.Event()
+    sent = 0
+    try:
+        while True:
+            with tqdm(total=n, unit="frame", disable=args.quiet, dynamic_ncols=True) as bar:
+                sent += replay(track_frames(track), hub, args.speed, should_stop=stop.is_set,
+                               on_frame=lambda _: bar.update(1))
+            if not args.loop:
+                break
+    finally:
+        hub.close()
+    failed = "; ".join(f"{url}: {why}" for url, why in hub.failed.items())
+    print(f"{sent} frames sent to {len(hub.streams)} stream(s)" + (f"; failed: {failed}" if failed else ""),
+          file=sys.stderr)
+    return 1 if len(hub.failed) == len(hub.streams) else 0
+
+
+def cmd_export(args) -> int:
+    from tqdm import tqdm
+
+    from capture.gltf_export import GltfExportError, export_gltf
+    from engine.facemodel import FaceModel
+
+    track, folder = _load_take(args.take)
+    if not track["face_found"].any():
+        raise CaptureError(f"{args.take} has no frame with a face: nothing to export")
+    out = args.out or folder / "take.glb"
+    model = FaceModel.load(args.face_model)
+    with tqdm(unit="step", desc="exporting", disable=args.quiet, dynamic_ncols=True) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        try:
+            path = export_gltf(track, model, out, progress=progress)
+        except GltfExportError as exc:
+            raise CaptureError(str(exc)) from None
+    print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
 
 
@@ -217,13 +368,16 @@ def main(argv=None) -> int:
     from engine.facemodel import FaceModelError
     from capture.preview import PreviewError
     from engine.model_import import ModelImportError
+    from capture.streams import StreamError
 
-    handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live}
+    handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live, "stream": cmd_stream,
+                "export": cmd_export}
     handler = cmd_model_import if args.command == "model" else handlers[args.command]
     try:
         with NativeStderrFilter():
             return handler(args)
-    except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, FileNotFoundError,
+    except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, StreamError,
+            FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"capture: error: {message}", file=sys.stderr)

@@ -279,6 +279,15 @@ def test_take_track_arrays(take_track, model):
     assert shapes["landmarks68"] == (F, 68, 2)
     assert ((t["landmarks68"] > 0) & (t["landmarks68"] < 512)).all()
     np.testing.assert_array_equal(t["image_size"], [512, 512])
+    assert t["fps"] == D12_FPS
+
+
+def test_take_track_eyes_are_the_csvs(take, take_track):
+    _, out = take
+    _, _, pose = read_livelink_csv(out / "blendshapes.csv")
+    eyes = take_track["eyes_ypr_rad"]
+    assert eyes.shape == (TAKE_FRAMES, 2, 3)
+    np.testing.assert_allclose(eyes.reshape(-1, 6), pose[:, 3:], atol=1e-5)
 
 
 def test_take_meshes_are_the_tracked_fit(take, take_track, take_meshes, model):
@@ -542,3 +551,93 @@ def test_model_import_missing_folder(tmp_path, capsys):
     code, err = _run(["model", "import", tmp_path / "NoSuchFaceXModel", "--out", out], capsys)
     _assert_one_line_error(code, err, "NoSuchFaceXModel")
     assert not out.exists()
+
+
+def _udp_receiver():
+    import socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.5)
+    return sock
+
+
+def _drain(sock) -> list[bytes]:
+    import socket
+    packets = []
+    while True:
+        try:
+            packets.append(sock.recv(65536))
+        except socket.timeout:
+            return packets
+
+
+def test_stream_replays_a_take_at_its_rate(take, capsys):
+    import time
+    _, out = take
+    sock = _udp_receiver()
+    start = time.monotonic()
+    status = cli.main(["stream", str(out), "--to", f"livelink://127.0.0.1:{sock.getsockname()[1]}?subject=replay",
+                       "--speed", "4", "--quiet"])
+    elapsed = time.monotonic() - start
+    assert status == 0, capsys.readouterr().err
+    packets = _drain(sock)
+    sock.close()
+    assert len(packets) == TAKE_FRAMES and all(b"replay" in p for p in packets)
+    assert (TAKE_FRAMES - 1) / D12_FPS / 4 * 0.9 <= elapsed  # the take's clock, 4x faster
+    assert f"{TAKE_FRAMES} frames sent to 1 stream(s)" in capsys.readouterr().err
+
+
+def test_stream_rate_cap(take, capsys):
+    _, out = take
+    sock = _udp_receiver()
+    status = cli.main(["stream", str(out), "--to", f"vmc://127.0.0.1:{sock.getsockname()[1]}",
+                       "--stream-fps", "12.5", "--speed", "4", "--quiet"])
+    assert status == 0, capsys.readouterr().err
+    assert len(_drain(sock)) == TAKE_FRAMES // 2  # every other frame of a 25 frames/s take
+    sock.close()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["stream", "{tmp}/nowhere", "--to", "vmc://"], "no such take"),
+    (["stream", "{tmp}", "--to", "vmc://"], "no track.npz in"),
+    (["stream", "{take}", "--to", "osc://127.0.0.1:9000"], "unknown stream protocol"),
+    (["stream", "{take}", "--to", "vmc://127.0.0.1:9000?colour=red"], "option(s) colour"),
+    (["stream", "{take}", "--to", "vmc://", "--speed", "0"], "--speed must be > 0"),
+    (["stream", "{bad}", "--to", "vmc://"], "cannot read"),
+    (["export", "{tmp}/nowhere"], "no such take"),
+    (["export", "{bad}"], "cannot read"),
+])
+def test_stream_and_export_bad_input_is_one_line(take, tmp_path, capsys, argv, words):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    argv = [a.format(tmp=tmp_path, take=take[1], bad=bad) for a in argv]
+    status = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1
+    assert len(err) == 1 and err[0].startswith("capture: error:") and words in err[0], err
+
+
+def test_export_gltf_from_a_take(take, take_track, tmp_path, capsys):
+    import pygltflib
+    _, out = take
+    glb = tmp_path / "talk.glb"
+    status = cli.main(["export", str(out), "--format", "gltf", "--out", str(glb), "--quiet"])
+    assert status == 0, capsys.readouterr().err
+    doc = pygltflib.GLTF2().load(str(glb))
+    mesh = doc.meshes[0]
+    assert mesh.extras["targetNames"] == list(ARKIT_NAMES)
+    assert len(mesh.primitives[0].targets) == 52
+    times = doc.accessors[doc.animations[0].samplers[0].input]
+    assert times.count == TAKE_FRAMES  # one key per frame with a face
+    np.testing.assert_allclose(times.max[0], take_track["time_s"][-1], atol=1e-5)
+    assert f"wrote {glb}" in capsys.readouterr().err
+
+
+def test_export_of_a_take_without_faces_is_one_line(tmp_path, capsys):
+    from capture.sinks import TrackWriter
+    with TrackWriter(tmp_path / "track.npz", np.eye(3), (64, 64), fps=25.0) as writer:
+        writer.add(0, 0.0, False)
+    status = cli.main(["export", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and "no frame with a face" in err[0]
+    assert not (tmp_path / "take.glb").exists()

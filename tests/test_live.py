@@ -82,3 +82,60 @@ def test_preview_without_display_is_one_line_error(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
     assert len(err) == 1 and "needs a display" in err[0]
+
+
+def test_live_streams_and_survives_receivers_that_go_away(monkeypatch, capsys):
+    """Two UDP receivers and a WebSocket client; all three leave mid-take and capture carries on."""
+    import socket
+    import threading
+
+    from websockets.sync.client import connect
+
+    monkeypatch.setattr(sources, "CameraSource", FakeCamera)
+    receivers = {}
+    for name in ("vmc", "livelink"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5.0)
+        receivers[name] = sock
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    ws_port = probe.getsockname()[1]
+    probe.close()
+    got = {name: 0 for name in receivers} | {"ws": 0}
+
+    def listen(name, sock):
+        while got[name] < 5:  # take five packets, then go away
+            sock.recv(65536)
+            got[name] += 1
+        sock.close()
+
+    def watch():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with connect(f"ws://127.0.0.1:{ws_port}/ws", open_timeout=1) as client:
+                    while got["ws"] < 5:
+                        client.recv(timeout=5)
+                        got["ws"] += 1
+                return  # the client disconnects mid-take
+            except OSError:
+                time.sleep(0.05)  # the server is not up yet
+
+    threads = [threading.Thread(target=listen, args=item, daemon=True) for item in receivers.items()]
+    threads.append(threading.Thread(target=watch, daemon=True))
+    for t in threads:
+        t.start()
+    argv = ["live", "--max-frames", "40", "--quiet", "--stream", f"ws://127.0.0.1:{ws_port}"]
+    for name, sock in receivers.items():
+        argv += ["--stream", f"{name}://127.0.0.1:{sock.getsockname()[1]}"]
+    start = time.monotonic()
+    status = cli.main(argv)
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert status == 0, err
+    for t in threads:
+        t.join(timeout=5)
+    assert got == {"vmc": 5, "livelink": 5, "ws": 5}
+    assert "40 frames" in err and "warning" not in err
+    assert elapsed < 20  # 40 frames at 30 frames/s, plus start-up: nothing stalled
