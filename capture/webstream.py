@@ -120,6 +120,15 @@ class WebSocketStream(Stream):
             raise
         self.port = self._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
 
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}{WS_PATH}"
+
+    @property
+    def page_url(self) -> str:
+        """Where a browser shows the stream."""
+        return f"http://{self.host}:{self.port}/"
+
     async def _start(self):
         return await serve(self._serve_client, self.host, self.port, process_request=self._http,
                            compression=None, close_timeout=CLOSE_TIMEOUT_S, max_size=2**16)
