@@ -1,10 +1,11 @@
-"""engine.rasterizer: coverage, perspective-correct barycentrics, depth, z-buffer, normals."""
+"""engine.rasterizer: coverage, perspective-correct barycentrics, depth, z-buffer, normals,
+tie rules, the backend interface, and the CUDA kernel's build and agreement with the numba one."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
-
 
 from engine.pose import default_camera_matrix, model_to_camera
 from engine.pose import project
@@ -192,7 +193,10 @@ def _uv_sphere(n_lat=16, n_lon=32, radius=2.0, centre=(1.0, -2.0, 3.0)):
             verts.append([radius * np.sin(th) * np.cos(ph), radius * np.sin(th) * np.sin(ph), radius * np.cos(th)])
     verts.append([0.0, 0.0, -radius])
     verts = np.array(verts)
-    ring = lambda i, j: 1 + (i - 1) * n_lon + (j % n_lon)
+
+    def ring(i, j):
+        return 1 + (i - 1) * n_lon + (j % n_lon)
+
     tris = []
     for j in range(n_lon):
         tris.append([0, ring(1, j), ring(1, j + 1)])
@@ -225,3 +229,193 @@ def test_face_model_normals_point_out_of_the_face(model):
     assert n[nose, 2] > 0.9
     chin = model.landmark68_vertices[8]
     assert n[chin, 2] > 0.3 and n[chin, 1] < 0
+
+
+# ---------------------------------------------------------------- tie-breaking, interface
+
+
+def test_equal_depths_go_to_the_lower_triangle_id():
+    """The z-test rule both backends share: a tie keeps the lower id, whatever the order."""
+    pts = np.vstack([TILTED, TILTED])                  # the same triangle twice, under other vertex ids
+    for tris in (np.array([[0, 1, 2], [3, 4, 5]]), np.array([[3, 4, 5], [0, 1, 2]]), np.array([[0, 1, 2]] * 3)):
+        frags = rasterize(pts, tris, K, W, H, backend="cpu")
+        assert frags.mask.sum() > 100 and np.all(frags.triangle_id[frags.mask] == 0)
+
+
+def test_pixel_centres_on_a_shared_edge_go_to_the_lower_id():
+    """A fronto-parallel quad whose corners project onto pixel centres: the diagonal's pixel
+    centres lie exactly on both triangles (inclusive edges), at equal depth."""
+    Kq, z = np.array([[64.0, 0, 32.0], [0, 64.0, 24.0], [0, 0, 1]]), 16.0
+    uv = np.array([[8.0, 8.0], [40.0, 8.0], [40.0, 40.0], [8.0, 40.0]])
+    pts = np.c_[(uv - [32.0, 24.0]) * z / 64.0, np.full(4, z)]   # exact in binary
+    for tris, diagonal_owner in ((np.array([[0, 1, 2], [0, 2, 3]]), 0), (np.array([[0, 2, 3], [0, 1, 2]]), 0)):
+        frags = rasterize(pts, tris, Kq, W, H, backend="cpu")
+        expect = np.zeros((H, W), bool)
+        expect[8:41, 8:41] = True
+        np.testing.assert_array_equal(frags.mask, expect)   # closed square: edges included
+        d = np.arange(8, 41)
+        assert np.all(frags.triangle_id[d, d] == diagonal_owner)
+        np.testing.assert_array_equal(frags.depth_cm[frags.mask], np.float32(z))
+
+
+def test_torch_tensors_in_give_torch_tensors_out():
+    torch = pytest.importorskip("torch")
+    tris = np.array([[0, 1, 2]])
+    ref = rasterize(TILTED, tris, K, W, H, backend="cpu")
+    out = rasterize(torch.tensor(TILTED, dtype=torch.float64), torch.tensor(tris), torch.tensor(K), W, H, backend="cpu")
+    assert isinstance(out.triangle_id, torch.Tensor) and out.triangle_id.dtype == torch.int32
+    for name in ("triangle_id", "barycentric", "depth_cm"):
+        np.testing.assert_array_equal(getattr(out, name).numpy(), getattr(ref, name))
+
+
+def test_bad_triangle_indices_and_backend_names_are_refused():
+    with pytest.raises(ValueError, match="triangle indices"):
+        rasterize(TILTED, np.array([[0, 1, 3]]), K, W, H, backend="cpu")
+    with pytest.raises(ValueError, match="triangle indices"):
+        rasterize(TILTED, np.array([[0, -1, 2]]), K, W, H, backend="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        rasterize(TILTED, np.array([[0, 1, 2]]), K, W, H, backend="gpu")
+
+
+def test_cuda_backend_says_why_it_cannot_run(monkeypatch, tmp_path):
+    """Without a GPU or without the library, backend="cuda" fails with a one-line reason and
+    backend="auto" quietly uses the CPU kernel."""
+    from engine import rasterizer as r
+
+    missing = tmp_path / "nowhere" / "libcapture_cuda.so"
+    monkeypatch.setenv(r.ENV_CUDA_LIB, str(missing))
+    with pytest.raises(r.CudaBackendUnavailable) as err:
+        rasterize(TILTED, np.array([[0, 1, 2]]), K, W, H, backend="cuda")
+    message = str(err.value)
+    assert "\n" not in message
+    import torch
+    if torch.cuda.is_available():
+        assert str(missing) in message
+    else:
+        assert "torch.cuda.is_available() is False" in message
+    with pytest.raises(r.CudaBackendUnavailable, match="not found at .*nowhere"):
+        r.load_cuda_library(missing)
+    assert not r.cuda_backend_available()
+    auto = rasterize(TILTED, np.array([[0, 1, 2]]), K, W, H, backend="auto")
+    cpu = rasterize(TILTED, np.array([[0, 1, 2]]), K, W, H, backend="cpu")
+    np.testing.assert_array_equal(auto.barycentric, cpu.barycentric)
+
+
+# ---------------------------------------------------------------- the CUDA kernel (cuda_ext)
+
+
+def _agreement_scenes(model=None):
+    """(name, points_cam, triangles, K, width, height, near_cm): edge cases for CPU/CUDA agreement."""
+    rng = np.random.default_rng(7)
+    near = np.array([[-6.0, -5.0, 30.0], [6.0, -5.0, 30.0], [0.0, 6.0, 30.0]])
+    far = np.array([[-13.0, -5.0, 50.0], [13.0, -11.0, 50.0], [1.7, 15.0, 50.0]])
+    a = np.array([[-10.0, -8.0, 30.0], [10.0, -8.0, 50.0], [0.0, 10.0, 40.0]])
+    b = np.array([[-10.0, -8.0, 50.0], [10.0, -8.0, 30.0], [0.0, 10.0, 40.0]])
+    Kq, zq = np.array([[64.0, 0, 32.0], [0, 64.0, 24.0], [0, 0, 1]]), 16.0
+    quad_uv = np.array([[8.0, 8.0], [40.0, 8.0], [40.0, 40.0], [8.0, 40.0]])
+    quad = np.c_[(quad_uv - [32.0, 24.0]) * zq / 64.0, np.full(4, zq)]
+    # a soup of overlapping triangles, a third of them on one shared depth plane (ties), some
+    # crossing the border, some behind the near plane, some degenerate
+    n = 240
+    centres = np.c_[rng.uniform(-14, 14, n), rng.uniform(-11, 11, n), rng.uniform(25, 45, n)]
+    soup = centres[:, None, :] + np.c_[rng.normal(0, 4, (n, 3, 2)), rng.normal(0, 3, (n, 3, 1))]
+    soup[: n // 3, :, 2] = 33.0
+    soup[n // 3: n // 3 + 10, 0, 2] = 0.5
+    soup[-5:, 2] = soup[-5:, 0] + 0.5 * (soup[-5:, 1] - soup[-5:, 0])    # collinear corners
+    scenes = [
+        ("tilted", TILTED, [[0, 1, 2]], K, W, H, 1.0),
+        ("tilted, other winding", TILTED, [[0, 2, 1]], K, W, H, 1.0),
+        ("off screen", np.array([[-30.0, -20.0, 10.0], [30.0, -5.0, 10.0], [0.0, 40.0, 10.0]]), [[0, 1, 2]], K, W, H,
+         1.0),
+        ("occlusion", np.vstack([far, near]), [[0, 1, 2], [3, 4, 5]], K, W, H, 1.0),
+        ("interpenetrating", np.vstack([a, b]), [[0, 1, 2], [3, 4, 5]], K, W, H, 1.0),
+        ("duplicates", np.vstack([TILTED, TILTED]), [[3, 4, 5], [0, 1, 2], [0, 1, 2]], K, W, H, 1.0),
+        ("edges on pixel centres", quad, [[0, 1, 2], [0, 2, 3]], Kq, W, H, 1.0),
+        ("near plane", np.array([[-1.0, -1.0, 0.5], [1.0, -1.0, 20.0], [0.0, 1.0, 20.0]]), [[0, 1, 2]], K, W, H, 1.0),
+        ("soup", soup.reshape(-1, 3), np.arange(3 * n).reshape(n, 3), K, W, H, 1.0),
+        ("empty", TILTED, np.zeros((0, 3), np.int64), K, W, H, 1.0),
+        ("odd size", TILTED, [[0, 1, 2]], K, 37, 23, 1.0),
+    ]
+    if model is not None:
+        from trainers.correspondence import drawn_triangles
+
+        w, h = 160, 120
+        cam = model.neutral.astype(np.float64) @ model_to_camera(0.4, -0.1, 0.05).T + np.array([0.0, -1.0, 60.0])
+        scenes.append(("face", cam, model.triangles[drawn_triangles(model)], default_camera_matrix(w, h), w, h, 1.0))
+    return [(name, np.asarray(p, np.float64), np.asarray(t), np.asarray(k), w, h, nr)
+            for name, p, t, k, w, h, nr in scenes]
+
+
+def _assert_same_fragments(a, b, name):
+    for field in ("triangle_id", "barycentric", "depth_cm"):
+        x, y = np.asarray(getattr(a, field)), np.asarray(getattr(b, field))
+        assert x.dtype == y.dtype and x.shape == y.shape, (name, field)
+        differ = int(np.sum(x != y))
+        assert differ == 0, f"{name}: {differ} {field} values differ"
+
+
+@pytest.fixture(scope="module")
+def cuda_build(tmp_path_factory):
+    """cuda_ext built with the project's CMake files into a temporary folder; its library's path."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvcc") is None or shutil.which("cmake") is None:
+        pytest.skip("nvcc or cmake not on PATH: cannot build cuda_ext")
+    root = Path(__file__).resolve().parents[1]
+    build = tmp_path_factory.mktemp("cuda_build")
+    for cmd in (["cmake", "-S", str(root), "-B", str(build)], ["cmake", "--build", str(build), "-j2"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=85)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return build / "cuda_ext" / "libcapture_cuda.so"
+
+
+def test_cuda_ext_builds_with_cmake(cuda_build):
+    import ctypes
+
+    assert cuda_build.is_file()
+    lib = ctypes.CDLL(str(cuda_build))    # loads without a GPU: static CUDA runtime, started lazily
+    for symbol in ("capture_rasterize_cuda", "capture_rasterize_host", "capture_cuda_error_string"):
+        assert hasattr(lib, symbol)
+
+
+def test_cuda_kernel_code_agrees_with_numba_bit_for_bit(cuda_build, model):
+    """cuda_ext's per-triangle and per-pixel code, compiled for the host, against the numba kernel.
+    Checks the CUDA file's arithmetic and tie rules here; the GPU launch is the next test."""
+    from engine.rasterizer import rasterize_cuda_code_on_host
+
+    for name, pts, tris, Ks, w, h, near in _agreement_scenes(model):
+        cpu = rasterize(pts, tris, Ks, w, h, near_cm=near, backend="cpu")
+        emulated = rasterize_cuda_code_on_host(pts, tris, Ks, w, h, near_cm=near, library=cuda_build)
+        _assert_same_fragments(cpu, emulated, name)
+        if name in ("soup", "face"):
+            assert cpu.mask.sum() > 0.2 * w * h, name   # the scene really draws something
+
+
+def test_cuda_backend_agrees_with_cpu_on_the_gpu(request, monkeypatch, model):
+    torch = pytest.importorskip("torch")
+    from engine import rasterizer as r
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: torch.cuda.is_available() is False")
+    if not r.cuda_library_path().is_file():
+        monkeypatch.setenv(r.ENV_CUDA_LIB, str(request.getfixturevalue("cuda_build")))
+    assert r.cuda_backend_available()
+    for name, pts, tris, Ks, w, h, near in _agreement_scenes(model):
+        cpu = rasterize(pts, tris, Ks, w, h, near_cm=near, backend="cpu")
+        _assert_same_fragments(cpu, rasterize(pts, tris, Ks, w, h, near_cm=near, backend="cuda"), name)
+        # torch CUDA tensors in (float32: both kernels widen to float64), CUDA tensors out
+        pts32 = pts.astype(np.float32)
+        cpu32 = rasterize(pts32, tris, Ks, w, h, near_cm=near, backend="cpu")
+        gpu = rasterize(torch.tensor(pts32, device="cuda"), torch.tensor(tris, device="cuda"), Ks, w, h,
+                        near_cm=near, backend="auto")
+        assert gpu.triangle_id.is_cuda
+        _assert_same_fragments(cpu32, r.Fragments(*(x.cpu().numpy() for x in (gpu.triangle_id, gpu.barycentric,
+                                                                               gpu.depth_cm))), name + " (torch)")
+    # the same render twice on a fresh stream: deterministic whatever the thread order
+    name, pts, tris, Ks, w, h, near = _agreement_scenes(model)[-1]
+    with torch.cuda.stream(torch.cuda.Stream()):
+        a = rasterize(torch.tensor(pts, device="cuda"), tris, Ks, w, h, backend="cuda")
+        b = rasterize(torch.tensor(pts, device="cuda"), tris, Ks, w, h, backend="cuda")
+    torch.cuda.synchronize()
+    assert torch.equal(a.triangle_id, b.triangle_id) and torch.equal(a.barycentric, b.barycentric)
