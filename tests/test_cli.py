@@ -553,16 +553,10 @@ def test_model_import_missing_folder(tmp_path, capsys):
     assert not out.exists()
 
 
-def _udp_receiver():
-    import socket
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(0.5)
-    return sock
-
-
 def _drain(sock) -> list[bytes]:
+    """Every datagram until none came for half a second."""
     import socket
+    sock.settimeout(0.5)
     packets = []
     while True:
         try:
@@ -571,30 +565,28 @@ def _drain(sock) -> list[bytes]:
             return packets
 
 
-def test_stream_replays_a_take_at_its_rate(take, capsys):
+def test_stream_replays_a_take_at_its_rate(take, capsys, udp_socket):
     import time
     _, out = take
-    sock = _udp_receiver()
+    sock = udp_socket
     start = time.monotonic()
     status = cli.main(["stream", str(out), "--to", f"livelink://127.0.0.1:{sock.getsockname()[1]}?subject=replay",
                        "--speed", "4", "--quiet"])
     elapsed = time.monotonic() - start
     assert status == 0, capsys.readouterr().err
     packets = _drain(sock)
-    sock.close()
     assert len(packets) == TAKE_FRAMES and all(b"replay" in p for p in packets)
     assert (TAKE_FRAMES - 1) / D12_FPS / 4 * 0.9 <= elapsed  # the take's clock, 4x faster
     assert f"{TAKE_FRAMES} frames sent to 1 stream(s)" in capsys.readouterr().err
 
 
-def test_stream_rate_cap(take, capsys):
+def test_stream_rate_cap(take, capsys, udp_socket):
     _, out = take
-    sock = _udp_receiver()
+    sock = udp_socket
     status = cli.main(["stream", str(out), "--to", f"vmc://127.0.0.1:{sock.getsockname()[1]}",
                        "--stream-fps", "12.5", "--speed", "4", "--quiet"])
     assert status == 0, capsys.readouterr().err
     assert len(_drain(sock)) == TAKE_FRAMES // 2  # every other frame of a 25 frames/s take
-    sock.close()
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -6,7 +6,6 @@ version 6), not taken from capture.livelink, so a mistake in the sender's
 layout or order shows up as a failure rather than agreeing with itself.
 """
 import math
-import socket
 import struct
 import time
 
@@ -70,12 +69,8 @@ def face_frame(time_s=2.5, fps=30.0, **shapes) -> StreamFrame:
 
 
 @pytest.fixture
-def receiver():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(2.0)
-    yield sock
-    sock.close()
+def receiver(udp_socket):
+    return udp_socket
 
 
 def receive(sock) -> dict:

@@ -1,7 +1,6 @@
 """capture/streams.py: URLs, the hub's fan-out and rate cap, frames from results and tracks, replay."""
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
@@ -115,12 +114,8 @@ def test_bad_rate_cap():
         StreamHub([], max_fps=0)
 
 
-def test_udp_stream_without_receiver_never_blocks():
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nobody listens on this port now
-    s = UdpStream("127.0.0.1", port)
+def test_udp_stream_without_receiver_never_blocks(silent_udp_port):
+    s = UdpStream("127.0.0.1", silent_udp_port)
     start = time.perf_counter()
     for _ in range(1000):
         s.send_datagrams([b"x" * 1000], time.perf_counter())

@@ -1,7 +1,6 @@
 """Tests for the vmc:// stream: real UDP bundles decoded by python-osc (an independent receiver)."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -71,16 +70,6 @@ def receiver():
     r.close()
 
 
-@pytest.fixture
-def raw_socket():
-    """A plain UDP socket for catching whole datagrams (bundle structure checks)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    s.settimeout(2.0)
-    yield s
-    s.close()
-
-
 def quaternion_matrix(x, y, z, w):
     """Unit quaternion -> rotation matrix (the standard formula Unity also uses)."""
     return np.array([
@@ -129,13 +118,13 @@ def test_blendshapes_arrive_exactly(receiver, names, expected_names):
     assert stream.sent == 1 and stream.dropped == 0 and len(stream.latency_s) == 1
 
 
-def test_one_bundle_per_frame(raw_socket):
-    stream = VmcStream("127.0.0.1", raw_socket.getsockname()[1])
+def test_one_bundle_per_frame(udp_socket):
+    stream = VmcStream("127.0.0.1", udp_socket.getsockname()[1])
     try:
         stream.send(face_frame())
         stream.send(lost_frame())
-        first, _ = raw_socket.recvfrom(65536)
-        second, _ = raw_socket.recvfrom(65536)
+        first, _ = udp_socket.recvfrom(65536)
+        second, _ = udp_socket.recvfrom(65536)
     finally:
         stream.close()
     assert OscBundle.dgram_is_bundle(first) and OscBundle.dgram_is_bundle(second)
@@ -257,11 +246,8 @@ def test_bad_options_raise_one_line(query, words):
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
-def test_no_receiver_never_blocks_or_raises():
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nobody listens there now
+def test_no_receiver_never_blocks_or_raises(silent_udp_port):
+    port = silent_udp_port
     stream = VmcStream("127.0.0.1", port)
     start = time.perf_counter()
     try:
