@@ -23,7 +23,7 @@ def corr():
 
 @pytest.fixture(scope="module")
 def assets(model, corr):
-    return syn.synthesis_assets(model, corr)
+    return syn.SynthesisAssets.build(model, corr)
 
 
 def clean_config(**kw):

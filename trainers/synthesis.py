@@ -526,17 +526,6 @@ def _sphere_centre(points: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(A, (points ** 2).sum(axis=1), rcond=None)[0][:3]
 
 
-_ASSETS: dict = {}
-
-
-def synthesis_assets(model: FaceModel, corr: LandmarkCorrespondence) -> SynthesisAssets:
-    """SynthesisAssets for this model and correspondence, built once per process."""
-    key = (id(model), id(corr))
-    if key not in _ASSETS:
-        _ASSETS[key] = (SynthesisAssets.build(model, corr), model, corr)   # refs keep the ids valid
-    return _ASSETS[key][0]
-
-
 # ----------------------------------------------------------------------------- geometry
 
 
@@ -797,16 +786,11 @@ def detect_faces(rgb: np.ndarray, grow: float = 1.8, detector=None) -> np.ndarra
     return np.array(boxes, np.float32).reshape(-1, 4)
 
 
-_BANKS: dict = {}
-
-
 def default_background_bank(data_dir: str | Path | None = None) -> BackgroundBank | None:
-    """The bank from ../shared/data, built once per process; None when there is no media."""
-    key = str(data_dir or DEFAULT_DATA_DIR)
-    if key not in _BANKS:
-        bank = BackgroundBank.from_data_dir(data_dir) if Path(key).is_dir() else None
-        _BANKS[key] = bank if bank is not None and len(bank) else None
-    return _BANKS[key]
+    """The bank from ../shared/data (a few seconds to build: keep it); None when there is no media."""
+    folder = Path(data_dir or DEFAULT_DATA_DIR)
+    bank = BackgroundBank.from_data_dir(data_dir) if folder.is_dir() else None
+    return bank if bank is not None and len(bank) else None
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -927,14 +911,17 @@ def _sample_camera_and_translation(rng, cfg, landmarks_model, R):
 
 def synthesize(rng: np.random.Generator, model: FaceModel, correspondence: LandmarkCorrespondence,
                out_px: int = CROP_PX, config: SynthesisConfig | None = None,
-               backgrounds: BackgroundBank | None = None, expression_kind: str | None = None) -> dict:
+               backgrounds: BackgroundBank | None = None, expression_kind: str | None = None,
+               assets: SynthesisAssets | None = None) -> dict:
     """One training sample (fields in the module docstring) drawn from rng.
 
     backgrounds: real patches for config.real_background_probability of the samples
     (procedural ones otherwise, or always when None). expression_kind forces a mixture component.
+    assets: SynthesisAssets.build(model, correspondence), passed in by callers that draw many
+    samples (building them costs about as much as a sample).
     """
     cfg = replace(config or SynthesisConfig(), out_px=out_px)
-    a = synthesis_assets(model, correspondence)
+    a = assets if assets is not None else SynthesisAssets.build(model, correspondence)
     ss = SUPERSAMPLE
     S = out_px * ss
     # --- who, what expression, where
@@ -1385,6 +1372,7 @@ class SyntheticFaces:
     def __post_init__(self):
         self.model = self.model or FaceModel.load()
         self.correspondence = self.correspondence or LandmarkCorrespondence.load()
+        self.assets = SynthesisAssets.build(self.model, self.correspondence)
         self._bank = None
 
     def __len__(self):
@@ -1399,7 +1387,8 @@ class SyntheticFaces:
         if not 0 <= i < self.length:
             raise IndexError(i)
         rng = np.random.default_rng([self.seed, int(i)])
-        return synthesize(rng, self.model, self.correspondence, self.out_px, self.config, self.backgrounds())
+        return synthesize(rng, self.model, self.correspondence, self.out_px, self.config, self.backgrounds(),
+                          assets=self.assets)
 
 
 def stack_samples(samples: list[dict]) -> dict:
