@@ -36,6 +36,17 @@ FULL_LOOK_YAW = np.radians(30.0)
 FULL_LOOK_PITCH = np.radians(25.0)
 
 
+def sphere_centre(points: np.ndarray) -> np.ndarray:
+    """Least-squares sphere centre (3,) of points (N, 3) on a sphere.
+
+    |p|² = 2 p·c + (r² − |c|²) is linear in c. The sclera is a partial shell,
+    so its mean lies in front of the eyeball's centre; the fit does not.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    A = np.c_[2.0 * points, np.ones(len(points))]
+    return np.linalg.lstsq(A, (points ** 2).sum(axis=1), rcond=None)[0][:3]
+
+
 @dataclass(frozen=True)
 class EyeModel:
     """centre_cm (2, 3) eyeball centres (subject's left, right) in model space,
@@ -59,8 +70,7 @@ class EyeModel:
         iris = iris_points_model if left_first else iris_points_model[::-1]
         centres, radii, rests = [], [], []
         for side, p_iris in zip(("Left", "Right"), iris):
-            p = vertices[model.material_vertices("M_Sclera" + side)]
-            c = p.mean(axis=0)
+            c = sphere_centre(vertices[model.material_vertices("M_Sclera" + side)])
             centres.append(c)
             radii.append(np.linalg.norm(p_iris - c))  # the iris sits inside the sclera shell
             rests.append((p_iris - c) / np.linalg.norm(p_iris - c))

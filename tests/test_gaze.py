@@ -72,6 +72,33 @@ def test_eye_model_of_the_face_model(model, eyes):
     assert eyes.iris_landmark.tolist() == [473, 468]
 
 
+def test_eyeball_centre_is_the_sclera_spheres(model, eyes):
+    """Every sclera vertex lies at nearly one distance from the centre (a sphere; the
+    cornea bulges a little), which the sclera's mean, in front of the centre, does not give."""
+    for i, side in enumerate(("Left", "Right")):
+        sclera = model.neutral[model.material_vertices("M_Sclera" + side)].astype(np.float64)
+        r = np.linalg.norm(sclera - eyes.centre_cm[i], axis=1)
+        assert r.std() / r.mean() < 0.05
+        r_mean = np.linalg.norm(sclera - sclera.mean(axis=0), axis=1)
+        assert r_mean.std() / r_mean.mean() > 0.15
+
+
+def test_gaze_of_a_turned_eyeball_mesh(model, eyes, iris_rest):
+    """Turn the whole eyeball mesh (sclera and iris) about the centre of its vertices' bounding
+    box (an estimate independent of the eye model's) and read the iris landmark carried with it."""
+    R, t = _pose((10, -5, 0), (1.0, -2.0, 55.0))
+    for yaw_deg, pitch_deg in ((20, 0), (0, -15), (-18, 12)):
+        turned = {}
+        for i, side in enumerate(("Left", "Right")):
+            ball = model.neutral[model.material_vertices("M_Sclera" + side, "M_Iris" + side)].astype(np.float64)
+            centre = (ball.min(axis=0) + ball.max(axis=0)) / 2.0
+            turn = euler_yxz(np.radians(yaw_deg), np.radians(pitch_deg), 0.0)
+            index = int(eyes.iris_landmark[i])
+            turned[index] = centre + turn @ (iris_rest[IRIS_CENTRES.index(index)] - centre)
+        got = np.degrees(gaze_angles(eyes, _landmarks(turned, R, t), R, t, K))
+        np.testing.assert_allclose(got, [[yaw_deg, pitch_deg]] * 2, atol=2.0)
+
+
 def test_eye_model_orders_the_iris_landmarks_by_side(model, iris_rest):
     swapped = EyeModel.from_model(model, model.neutral, iris_rest[::-1])
     assert swapped.iris_landmark.tolist() == [468, 473]

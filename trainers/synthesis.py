@@ -66,7 +66,7 @@ import numpy as np
 from engine.correspondence import LandmarkCorrespondence
 from engine.crop import CROP_PX, crop_box, crop_camera, crop_transform, image_coverage
 from engine.facemodel import FACE_VERTICES, FaceModel, barycentric_points
-from engine.gaze import FULL_LOOK_PITCH, FULL_LOOK_YAW
+from engine.gaze import FULL_LOOK_PITCH, FULL_LOOK_YAW, sphere_centre
 from engine.pose import default_camera_matrix, euler_yxz, head_rotation, model_to_camera, project, yaw_pitch_roll
 from engine.rasterizer import rasterize
 
@@ -493,7 +493,7 @@ class SynthesisAssets:
         for side in ("Left", "Right"):
             sclera = model.material_vertices("M_Sclera" + side)
             eyeball = model.material_vertices("M_Sclera" + side, "M_Iris" + side)
-            c = _sphere_centre(rest[sclera])
+            c = sphere_centre(rest[sclera])
             iris_idx = 468 if np.sign(pts[468, 0]) == np.sign(c[0]) else 473
             front_dir = _unit(pts[iris_idx] - c)
             ring = np.array([np.arccos(np.clip(_unit(pts[j] - c) @ front_dir, -1, 1))
@@ -518,12 +518,6 @@ class SynthesisAssets:
 
 def _unit(v):
     return v / np.linalg.norm(v)
-
-
-def _sphere_centre(points: np.ndarray) -> np.ndarray:
-    """Least-squares sphere centre (3,) of points (N, 3): |p|² = 2 p·c + (r² - |c|²) is linear in c."""
-    A = np.c_[2.0 * points, np.ones(len(points))]
-    return np.linalg.lstsq(A, (points ** 2).sum(axis=1), rcond=None)[0][:3]
 
 
 # ----------------------------------------------------------------------------- geometry
