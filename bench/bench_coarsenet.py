@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_pipeline import cpu_name  # the script's own folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MS = 2.0
 
@@ -105,16 +107,6 @@ def run_worker(args, backend: str, threads: int, spin: bool, width: float) -> di
 
 
 # ---------------------------------------------------------------- report
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def row(label: str, r: dict | None) -> str:

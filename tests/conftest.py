@@ -30,3 +30,39 @@ def silent_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _randomised_net(seed: int = 0, config=None):
+    """A CoarseNet whose outputs vary O(1) with the input: BatchNorm statistics from random
+    batches, random affine BN parameters, and a head scaled to unit output spread (the
+    untrained head is nearly constant, which would make agreement tests trivial)."""
+    import math
+
+    import torch
+    from torch import nn
+
+    from engine.coarsenet import CoarseNet, CoarseNetConfig
+
+    torch.manual_seed(seed)
+    net = CoarseNet(config or CoarseNetConfig())
+    size = net.config.input_size
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None  # cumulative average
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        net.train()
+        for _ in range(2):
+            net(torch.rand(4, 3, size, size) * 2 - 1)
+        net.eval()
+        feats = net.features(torch.rand(4, 3, size, size) * 2 - 1).mean(dim=(2, 3))
+        spread = float(feats.std(0).mean())
+        net.head.weight.normal_(0.0, 1.0 / (spread * math.sqrt(feats.shape[1])))
+    return net
+
+
+@pytest.fixture(scope="session")
+def randomised_net():
+    """randomised_net(seed, config=None) -> CoarseNet with input-dependent outputs."""
+    return _randomised_net

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from engine.coarsenet import (CoarseNet, CoarseNetConfig, count_macs, crop_focal_px, crop_params_from_translation,
                               decode, load_weights, param_layout, preprocess, prior_params, rotation_from_6d,
@@ -17,28 +16,6 @@ from engine.pose import FRONTAL, model_to_camera, project, rodrigues
 
 f64 = torch.float64
 S = 128
-
-
-def randomised_net(seed: int = 0, config: CoarseNetConfig | None = None) -> CoarseNet:
-    """A net whose outputs vary O(1) with the input: BatchNorm statistics from random batches,
-    random affine BN parameters, and a head scaled to unit output spread (the untrained head
-    is nearly constant, which would make agreement tests trivial)."""
-    torch.manual_seed(seed)
-    net = CoarseNet(config or CoarseNetConfig())
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None  # cumulative average
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        net.train()
-        for _ in range(2):
-            net(torch.rand(4, 3, S, S) * 2 - 1)
-        net.eval()
-        feats = net.features(torch.rand(4, 3, S, S) * 2 - 1).mean(dim=(2, 3))
-        spread = float(feats.std(0).mean())
-        net.head.weight.normal_(0.0, 1.0 / (spread * math.sqrt(feats.shape[1])))
-    return net
 
 
 def random_rotations(n: int, seed: int = 0) -> torch.Tensor:
@@ -188,7 +165,7 @@ def test_untrained_net_outputs_the_prior():
 # ---------------------------------------------------------------- training-side properties
 
 
-def test_gradients_reach_every_parameter():
+def test_gradients_reach_every_parameter(randomised_net):
     net = randomised_net(seed=4).train()
     x = torch.rand(2, 3, S, S) * 2 - 1
     out = net.decode(net(x), crop_camera().float())
@@ -199,7 +176,7 @@ def test_gradients_reach_every_parameter():
     assert not missing, f"no gradient for {missing}"
 
 
-def test_save_load_round_trip(tmp_path):
+def test_save_load_round_trip(tmp_path, randomised_net):
     cfg = CoarseNetConfig(width=0.35, last_channels=256)
     net = randomised_net(seed=5, config=cfg)
     path = tmp_path / "coarsenet.pt"

@@ -3,13 +3,11 @@ randomised nets, dynamic batch, the runtime interface's inputs and outputs, grap
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from engine.coarsenet import CoarseNet, CoarseNetConfig, decode, preprocess
 from engine.runtime import (AGREEMENT_TOLERANCE, OUTPUT_NAMES, CoarseNetInference, OnnxRuntime, TorchRuntime,
@@ -19,26 +17,6 @@ S = 128
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: ONNX runtime tests skipped")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed: ONNX export tests skipped")
-
-
-def randomised_net(seed: int) -> CoarseNet:
-    """Outputs that vary O(1) with the input (see tests/test_coarsenet.py: the untrained head is
-    nearly constant, so agreement on it would prove little)."""
-    torch.manual_seed(seed)
-    net = CoarseNet()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        net.train()
-        for _ in range(2):
-            net(torch.rand(4, 3, S, S) * 2 - 1)
-        net.eval()
-        feats = net.features(torch.rand(4, 3, S, S) * 2 - 1).mean(dim=(2, 3))
-        net.head.weight.normal_(0.0, 1.0 / (float(feats.std(0).mean()) * math.sqrt(feats.shape[1])))
-    return net
 
 
 def crops_and_cameras(n: int, seed: int):
@@ -51,7 +29,7 @@ def crops_and_cameras(n: int, seed: int):
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["net0", "net1"])
-def nets(request):
+def nets(request, randomised_net):
     net = randomised_net(request.param)
     return net, TorchRuntime(net), OnnxRuntime(export_onnx(net))
 
@@ -118,7 +96,7 @@ def test_bad_inputs_are_refused(nets):
             rt.run(np.zeros((2, S, S, 3), np.uint8), np.eye(3, dtype=np.float32)[None].repeat(3, 0))
 
 
-def test_export_file_threads_and_spinning_agree(tmp_path):
+def test_export_file_threads_and_spinning_agree(tmp_path, randomised_net):
     net = randomised_net(2)
     path = tmp_path / "coarsenet.onnx"
     data = export_onnx(net, path)
