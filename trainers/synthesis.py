@@ -47,7 +47,8 @@ Sample fields (one sample; shards stack them along a new first axis):
                                        half the pixel
     occlusion        () float32        fraction of the face region's pixels under occluders
     occluders        () uint8          bit flags OCCLUDER_BITS
-    source           () uint8          SOURCE_SYNTHETIC (0); real fitted frames will be SOURCE_REAL
+    source           () uint8          SOURCE_SYNTHETIC (0); SOURCE_REAL (1) for trainers.inverse_render's
+                                       re-rendered real faces (their albedo_seed is -1)
 
 CLI: python -m trainers.synthesis --count N --out DIR [--workers 2]
     writes DIR/shard-00000.npz ... (write_shard / read_shard) and DIR/sheet.png.
@@ -906,23 +907,33 @@ def _sample_camera_and_translation(rng, cfg, landmarks_model, R):
 def synthesize(rng: np.random.Generator, model: FaceModel, correspondence: LandmarkCorrespondence,
                out_px: int = CROP_PX, config: SynthesisConfig | None = None,
                backgrounds: BackgroundBank | None = None, expression_kind: str | None = None,
-               assets: SynthesisAssets | None = None) -> dict:
+               assets: SynthesisAssets | None = None, identity: np.ndarray | None = None,
+               albedo: tuple[np.ndarray, dict] | None = None, source: int = SOURCE_SYNTHETIC) -> dict:
     """One training sample (fields in the module docstring) drawn from rng.
 
     backgrounds: real patches for config.real_background_probability of the samples
     (procedural ones otherwise, or always when None). expression_kind forces a mixture component.
     assets: SynthesisAssets.build(model, correspondence), passed in by callers that draw many
     samples (building them costs about as much as a sample).
+    identity (60,) / albedo (per-vertex (V, 3) linear RGB, params dict with skin_rgb, hair_rgb,
+    hair_weight): a given person instead of a random one (trainers.inverse_render's lifted real
+    faces); albedo_seed is then -1, as no seed rebuilds that albedo. source: the sample's source field.
     """
     cfg = replace(config or SynthesisConfig(), out_px=out_px)
     a = assets if assets is not None else SynthesisAssets.build(model, correspondence)
     ss = SUPERSAMPLE
     S = out_px * ss
     # --- who, what expression, where
-    identity = np.clip(rng.normal(0.0, 1.0, N_IDENTITY), -3.0, 3.0).astype(np.float32)
+    if identity is None:
+        identity = np.clip(rng.normal(0.0, 1.0, N_IDENTITY), -3.0, 3.0).astype(np.float32)
+    identity = np.asarray(identity, np.float32)
     expression, gaze, kind = sample_expression(rng, model.expression_names, expression_kind)
-    albedo_seed = int(rng.integers(0, 2 ** 63 - 1))
-    albedo, albedo_params = vertex_albedo(a, np.random.default_rng(albedo_seed))
+    if albedo is None:
+        albedo_seed = int(rng.integers(0, 2 ** 63 - 1))
+        albedo, albedo_params = vertex_albedo(a, np.random.default_rng(albedo_seed))
+    else:
+        albedo_seed = -1
+        albedo, albedo_params = albedo
     sh, key_dir, key_rgb = sample_lighting(rng)
     verts = posed_vertices(a, identity, expression, gaze)
     lm3d = landmark_points(a, verts)
@@ -1026,7 +1037,7 @@ def synthesize(rng: np.random.Generator, model: FaceModel, correspondence: Landm
         "occluder_mask": occ_small.astype(np.uint8),
         "occlusion": np.float32(occlusion),
         "occluders": np.uint8(flags),
-        "source": np.uint8(SOURCE_SYNTHETIC),
+        "source": np.uint8(source),
     }
 
 
