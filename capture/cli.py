@@ -6,6 +6,7 @@
     capture live --stream URL ...         ... and streamed to avatar applications (VMC, VRChat, Live Link, WebSocket)
     capture stream DIR --to URL ...       replay a recorded take to the same streams at its own frame rate
     capture export DIR --format gltf      a recorded take as one .glb (mesh, 52 morph targets, animation)
+    capture train coarse --out DIR        train CoarseNet on synthetic renders (trainers/train_coarse.py)
     capture model import FACEXMODEL_DIR   build the face model file from ICT-FaceKit's OBJ folder
 """
 from __future__ import annotations
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output file (default: TAKE/take.glb)")
     p.add_argument("--face-model", type=Path, default=None, help="face model .npz (the one the take was made with)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("train", help="train the networks (CoarseNet)")
+    tsub = p.add_subparsers(dest="train_command", required=True, metavar="NETWORK")
+    tsub.add_parser("coarse", help="train CoarseNet (see `capture train coarse --help`)", add_help=False)
 
     p = sub.add_parser("model", help="face model tools")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -343,6 +348,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """Hands the rest of the command line to the trainer, which owns its options."""
+    from trainers.train_coarse import main as train_coarse
+
+    return train_coarse(args.trainer_argv, prog="capture train coarse")
+
+
 def cmd_model_import(args) -> int:
     from tqdm import tqdm
 
@@ -363,7 +375,12 @@ def cmd_model_import(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.trainer_argv = rest  # the trainer parses its own options
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from capture.sources import SourceError
     from engine.facemodel import FaceModelError
     from capture.preview import PreviewError
@@ -371,7 +388,7 @@ def main(argv=None) -> int:
     from capture.streams import StreamError
 
     handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live, "stream": cmd_stream,
-                "export": cmd_export}
+                "export": cmd_export, "train": cmd_train}
     handler = cmd_model_import if args.command == "model" else handlers[args.command]
     try:
         with NativeStderrFilter():

@@ -633,3 +633,17 @@ def test_export_of_a_take_without_faces_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and len(err) == 1 and "no frame with a face" in err[0]
     assert not (tmp_path / "take.glb").exists()
+
+
+def test_train_coarse_hands_its_options_to_the_trainer(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "coarse", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: capture train coarse") and "--resume" in out and "--config" in out
+
+
+def test_train_coarse_without_data_is_one_line(tmp_path, capsys):
+    status = cli.main(["train", "coarse", "--out", str(tmp_path / "run"), "--data", str(tmp_path), "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and err[0].startswith("capture: error: no shard-*.npz")

@@ -1,0 +1,184 @@
+"""CoarseNet training: losses vanish at the truth, training fits a small batch, resume is exact."""
+import numpy as np
+import pytest
+import torch
+
+from engine.coarsenet import CoarseNetConfig, crop_params_from_translation, load_weights
+from engine.correspondence import LandmarkCorrespondence
+from trainers import losses
+from trainers import synthesis as syn
+from trainers import train_coarse as tc
+
+S = 64   # the net pools globally, so a 64 px crop and a narrow net keep these tests fast
+TINY_MODEL = {"input_size": S, "width": 0.25, "last_channels": 64}
+
+
+@pytest.fixture(scope="module")
+def corr():
+    return LandmarkCorrespondence.load()
+
+
+@pytest.fixture(scope="module")
+def geometry(model, corr):
+    return losses.LossGeometry(model, corr)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, model, corr):
+    """8 clean 64 px samples in one shard, plus 4 validation samples with another seed."""
+    root = tmp_path_factory.mktemp("synth")
+    cfg = syn.SynthesisConfig().clean()
+    for name, seed, n in (("train", 3, 8), ("val", 4, 4)):
+        ds = syn.SyntheticFaces(n, seed=seed, out_px=S, config=cfg, real_backgrounds=False,
+                                model=model, correspondence=corr)
+        (root / name).mkdir()
+        syn.write_shard(root / name / "shard-00000.npz", [ds[i] for i in range(n)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def batch(shard_dir):
+    return tc.to_tensors(tc.load_shards(shard_dir / "train"))
+
+
+def tiny_config(shard_dir, steps, **train):
+    return {"model": TINY_MODEL,
+            "train": {"steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 0, "log_every": 1,
+                      "val_every": 1000, "checkpoint_every": 1000, "noise_std": 0.02, **train},
+            "data": {"dir": str(shard_dir / "train"), "val_dir": str(shard_dir / "val"), "val_count": 4}}
+
+
+def truth_as_prediction(b, ncfg):
+    """The labels in decode's output form (what a perfect net would return)."""
+    xy, ls = crop_params_from_translation(b["translation_cm"], b["rotation"], b["K_crop"], ncfg)
+    return {"identity": b["identity"], "expression": b["expression"], "rotation": b["rotation"],
+            "translation": b["translation_cm"], "crop_xy": xy, "log_scale": ls, "sh": b["sh"],
+            "albedo": b["skin_rgb"]}
+
+
+def test_losses_vanish_at_the_truth_and_not_elsewhere(batch, geometry):
+    ncfg = CoarseNetConfig(**TINY_MODEL)
+    pred = truth_as_prediction(batch, ncfg)
+    total, terms = losses.coarse_loss(pred, batch, geometry, ncfg)
+    assert set(terms) == set(losses.DEFAULT_WEIGHTS)
+    for k, v in terms.items():
+        # landmarks: the labels are the same surface points projected (eyeballs turned by the gaze are masked)
+        assert v.item() < (1e-3 if k == "landmark" else 1e-4), k
+    off = dict(pred)
+    off["expression"] = (pred["expression"] + 0.1).clamp(0, 1)
+    off["identity"] = pred["identity"] + 0.5
+    off["rotation"] = pred["rotation"] @ torch.as_tensor(syn.euler_yxz(0.1, 0.0, 0.0), dtype=torch.float32)
+    off["translation"] = pred["translation"] + torch.tensor([0.5, 0.0, 0.0])
+    off["crop_xy"] = pred["crop_xy"] + 0.05
+    off["sh"] = pred["sh"] + 0.1
+    off["albedo"] = pred["albedo"] + 0.05
+    total_off, terms_off = losses.coarse_loss(off, batch, geometry, ncfg)
+    for k, v in terms_off.items():
+        assert v.item() > 10 * max(terms[k].item(), 1e-4), k
+    assert total_off > total
+    assert terms_off["rotation"].item() == pytest.approx(0.1, abs=1e-4)        # rad
+    assert terms_off["albedo"].item() == pytest.approx(0.05, abs=1e-5)
+
+
+def test_vertex_loss_is_millimetres(batch, geometry):
+    """Shifting t by 1 cm moves every vertex by 10 mm; a hand computation agrees."""
+    v_true, _ = geometry.camera_points(batch["identity"], batch["expression"], batch["rotation"],
+                                       batch["translation_cm"])
+    v_shift, _ = geometry.camera_points(batch["identity"], batch["expression"], batch["rotation"],
+                                        batch["translation_cm"] + torch.tensor([0.0, 0.6, 0.8]))
+    assert losses.vertex_loss_mm(v_shift, v_true).item() == pytest.approx(10.0, rel=1e-4)
+    a = torch.zeros(1, 2, 3)
+    b = torch.tensor([[[0.3, 0.4, 0.0], [0.0, 0.0, 0.1]]])       # 5 mm and 1 mm
+    assert losses.vertex_loss_mm(b, a).item() == pytest.approx(3.0, rel=1e-4)
+    assert v_true.shape[1] == losses.N_LOSS_VERTICES
+
+
+def test_landmark_loss_counts_visible_points_only():
+    K = torch.tensor([[[100.0, 0, 32], [0, 100.0, 32], [0, 0, 1]]])
+    pts = torch.tensor([[[0.0, 0.0, 50.0], [1.0, 0.0, 50.0]]])              # -> (32, 32), (34, 32) px
+    lm = torch.tensor([[[32.0, 35.0], [0.0, 0.0]]])
+    vis = torch.tensor([[True, False]])
+    assert losses.landmark_loss_px(pts, K, lm, vis).item() == pytest.approx(3.0, rel=1e-5)
+    assert losses.landmark_loss_px(pts, K, lm, torch.zeros_like(vis)).item() == 0.0
+
+
+def test_training_fits_a_small_batch(shard_dir, model, corr):
+    """40 AdamW steps on one fixed batch of 4 at least halve the loss (the whole loss is trainable)."""
+    ncfg = CoarseNetConfig(**TINY_MODEL)
+    torch.manual_seed(0)
+    net = tc.CoarseNet(ncfg)
+    geometry = losses.LossGeometry(model, corr)
+    b = tc.to_tensors({k: v[:4] for k, v in tc.load_shards(shard_dir / "train").items()})
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    history = []
+    for _ in range(40):
+        loss, _ = losses.coarse_loss(tc.decode(net(b["image"]), b["K_crop"], ncfg), b, geometry, ncfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert history[-1] < 0.5 * history[0], history
+
+
+def test_resume_is_exact_and_outputs_are_written(shard_dir, model, corr, tmp_path):
+    """6 steps straight == 3 steps, stop, resume for 3 more (same params, same last loss)."""
+    kw = {"face_model": model, "correspondence": corr, "progress": False}
+    straight = tc.train(tiny_config(shard_dir, 6), tmp_path / "a", export=False, **kw)
+    first = tiny_config(shard_dir, 6, checkpoint_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after(3, lambda: tc.train(first, tmp_path / "b", export=False, **kw))
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 3
+    resumed = tc.train(first, tmp_path / "b", resume=True, **kw)
+    assert resumed["step"] == straight["step"] == 6
+    assert resumed["loss"] == straight["loss"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the end products: weights that load, an ONNX file, metrics with validation records
+    net = load_weights(tmp_path / "b" / "coarsenet.pt")
+    assert net.config.input_size == S
+    assert (tmp_path / "b" / "coarsenet.onnx").stat().st_size > 10_000
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    vals = [line for line in lines if '"val"' in line]
+    assert len(vals) >= 2 and "vertex_mm" in vals[-1]
+    assert np.isfinite(resumed["val"]["rotation_deg"])
+
+
+def _interrupt_after(n_steps, run):
+    """Run `run` with the optimiser's step raising KeyboardInterrupt once n_steps have happened."""
+    original = torch.optim.AdamW.step
+    count = {"n": 0}
+
+    def step(self, *a, **k):
+        if count["n"] == n_steps:
+            raise KeyboardInterrupt
+        count["n"] += 1
+        return original(self, *a, **k)
+
+    torch.optim.AdamW.step = step
+    try:
+        run()
+    finally:
+        torch.optim.AdamW.step = original
+
+
+def test_config_file_loads_and_rejects_unknown_terms():
+    from pathlib import Path
+
+    cfg = tc.load_config(Path(tc.__file__).parent / "configs" / "coarse.toml")
+    assert cfg["model"]["input_size"] == 128 and cfg["loss"]["vertex"] == 0.1
+    with pytest.raises(ValueError):
+        tc.load_config({"loss": {"photometric": 1.0}})
+
+
+def test_on_the_fly_batches_follow_the_step(model, corr):
+    """Without shards, batch s holds SyntheticFaces samples s·B ... s·B + B − 1 (so resume needs no state)."""
+    it = tc.synthetic_batches(2, seed=9, out_px=S, real_backgrounds=False, start=1, steps=2, workers=0)
+    b = next(it)
+    ds = syn.SyntheticFaces(4, seed=9, out_px=S, real_backgrounds=False, model=model, correspondence=corr)
+    assert b["image"].shape == (2, S, S, 3) and set(b) == set(tc.FIELDS)
+    assert np.array_equal(b["image"][1], ds[3]["image"])
+    assert np.array_equal(b["expression"][0], ds[2]["expression"])
+    with pytest.raises(StopIteration):
+        next(it)

@@ -1,0 +1,419 @@
+"""Train CoarseNet on synthetic faces (seed 002, supervised stage).
+
+    python -m trainers.train_coarse --config trainers/configs/coarse.toml --out RUN_DIR \\
+        [--data SHARD_DIR] [--steps N] [--workers 2] [--resume]
+
+Data: shards written once by `python -m trainers.synthesis --count N --out DIR` (fast: the
+run only decodes arrays), or, without --data, samples synthesized on the fly by DataLoader
+workers (sample index = step · batch + j, so a run never repeats a sample).
+Batches are a pure function of the step (a per-epoch permutation seeded by (seed, epoch)),
+so --resume from RUN_DIR/checkpoint.pt continues exactly where the run stopped.
+
+Validation: `val_count` synthetic samples with their own seed (`val_seed`, distinct from the
+training seed), read from `val_data` shards or synthesized once and cached in RUN_DIR/val.npz;
+every `val_every` steps it prints the face-region vertex error (mm, all 9409 FACE vertices,
+camera space), the expression MAE and the rotation error (deg).
+
+Outputs in RUN_DIR: checkpoint.pt (every `checkpoint_every` steps, written atomically),
+metrics.jsonl (train terms every `log_every` steps, validation records), and at the end
+coarsenet.pt (engine.coarsenet.save_weights) and coarsenet.onnx (engine.runtime.export_onnx).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.coarsenet import CoarseNet, CoarseNetConfig, decode, preprocess, save_weights
+from engine.correspondence import LandmarkCorrespondence
+from engine.facemodel import FACE_VERTICES, FaceModel
+from trainers.losses import DEFAULT_WEIGHTS, LossGeometry, coarse_loss, rotation_angle
+
+#: The sample fields training reads (the rest of a shard is left on disk).
+FIELDS = ("image", "identity", "expression", "rotation", "translation_cm", "K_crop", "landmarks",
+          "landmark_visible", "sh", "skin_rgb")
+
+DEFAULT_CONFIG: dict = {
+    "model": {},                       # CoarseNetConfig fields (input_size, width, last_channels, ...)
+    "train": {
+        "steps": 20000, "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "warmup_steps": 500,
+        "schedule": "cosine",          # "cosine" (to min_lr_ratio · lr) or "step" (× 0.1 at step_at fractions)
+        "min_lr_ratio": 0.01, "step_at": [0.6, 0.85], "grad_clip": 5.0, "seed": 0,
+        "noise_std": 0.02,             # Gaussian pixel noise augmentation, normalised units ([-1, 1] range)
+        "threads": 2, "log_every": 20, "val_every": 500, "checkpoint_every": 500,
+    },
+    "data": {
+        "dir": None,                   # shards of trainers.synthesis; None: synthesize on the fly
+        "workers": 2, "seed": 0,       # on-the-fly synthesis seed (SyntheticFaces seed)
+        "real_backgrounds": True,
+        "val_dir": None, "val_count": 256, "val_seed": 1, "val_batch": 64,
+    },
+    "loss": dict(DEFAULT_WEIGHTS),
+}
+
+
+# ---------------------------------------------------------------- config
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(config: str | Path | dict | None) -> dict:
+    """A TOML/JSON path or a dict, merged over DEFAULT_CONFIG (unknown loss terms are an error)."""
+    if config is None:
+        user = {}
+    elif isinstance(config, dict):
+        user = config
+    else:
+        path = Path(config)
+        user = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    cfg = _merge(DEFAULT_CONFIG, user)
+    unknown = set(cfg["loss"]) - set(DEFAULT_WEIGHTS)
+    if unknown:
+        raise ValueError(f"unknown loss terms in config: {sorted(unknown)}")
+    return cfg
+
+
+def net_config(cfg: dict) -> CoarseNetConfig:
+    return CoarseNetConfig(**cfg["model"])
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_shards(directory: str | Path, fields=FIELDS, limit: int | None = None) -> dict[str, np.ndarray]:
+    """All shard-*.npz of a trainers.synthesis folder -> dict of (N, ...) arrays (only `fields`)."""
+    paths = sorted(Path(directory).glob("shard-*.npz"))
+    if not paths:
+        raise FileNotFoundError(f"no shard-*.npz in {directory} (write them with python -m trainers.synthesis)")
+    parts: dict[str, list] = {k: [] for k in fields}
+    n = 0
+    for p in paths:
+        with np.load(p) as d:
+            for k in fields:
+                parts[k].append(d[k])
+            n += len(d[fields[0]])
+        if limit is not None and n >= limit:
+            break
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    return {k: v[:limit] for k, v in out.items()} if limit is not None else out
+
+
+class ShardBatches:
+    """Batch of step s from in-memory arrays: epoch e = s // per_epoch uses permutation(seed, e)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int):
+        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+        self.n = len(arrays["image"])
+        if self.n < batch_size:
+            raise ValueError(f"{self.n} samples cannot fill a batch of {batch_size}")
+        self.per_epoch = self.n // batch_size
+        self._perm = (None, None)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, k = divmod(step, self.per_epoch)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        idx = np.sort(self._perm[1][k * self.batch_size:(k + 1) * self.batch_size])
+        return {f: a[idx] for f, a in self.arrays.items()}
+
+
+class _SynthStepDataset(torch.utils.data.Dataset):
+    """Item s = the stacked samples s · B ... s · B + B − 1 of SyntheticFaces(seed)."""
+
+    def __init__(self, batch_size: int, seed: int, out_px: int, real_backgrounds: bool, steps: int):
+        self.batch_size, self.seed, self.out_px, self.real_backgrounds = batch_size, seed, out_px, real_backgrounds
+        self.steps = steps
+        self.ds = None
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        from trainers.synthesis import SyntheticFaces
+
+        if self.ds is None:   # built in the worker, so the model is loaded there and not pickled
+            self.ds = SyntheticFaces(1 << 40, seed=self.seed, out_px=self.out_px,
+                                     real_backgrounds=self.real_backgrounds)
+        samples = [self.ds[step * self.batch_size + j] for j in range(self.batch_size)]
+        return {f: np.stack([np.asarray(s[f]) for s in samples]) for f in FIELDS}
+
+
+def synthetic_batches(batch_size: int, seed: int, out_px: int, real_backgrounds: bool, start: int, steps: int,
+                      workers: int):
+    """Iterator of the batches of steps start ... steps − 1, synthesized by `workers` processes."""
+    ds = _SynthStepDataset(batch_size, seed, out_px, real_backgrounds, steps)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(start, steps), num_workers=workers,
+                                         prefetch_factor=2 if workers else None,
+                                         persistent_workers=False, collate_fn=lambda b: b)
+    return iter(loader)
+
+
+def synthesize_arrays(count: int, seed: int, out_px: int, real_backgrounds: bool) -> dict[str, np.ndarray]:
+    """`count` SyntheticFaces(seed) samples in this process, stacked (FIELDS only)."""
+    from trainers.synthesis import SyntheticFaces
+
+    ds = SyntheticFaces(count, seed=seed, out_px=out_px, real_backgrounds=real_backgrounds)
+    samples = [ds[i] for i in range(count)]
+    return {f: np.stack([np.asarray(s[f]) for s in samples]) for f in FIELDS}
+
+
+def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """numpy batch -> torch: float32 labels, bool visibility, the image as the net's input (B, 3, S, S)."""
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        if k == "image":
+            out[k] = preprocess(t)
+        elif k == "landmark_visible":
+            out[k] = t.bool()
+        else:
+            out[k] = t.float()
+    return out
+
+
+# ---------------------------------------------------------------- schedule, checkpoints
+
+
+def lr_factor(step: int, tc: dict) -> float:
+    """Multiplier of the base lr at `step`: linear warm-up, then cosine or step decay."""
+    total, warm = int(tc["steps"]), int(tc["warmup_steps"])
+    if warm and step < warm:
+        return (step + 1) / warm
+    frac = (step - warm) / max(1, total - warm)
+    if tc["schedule"] == "cosine":
+        lo = float(tc["min_lr_ratio"])
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+    if tc["schedule"] == "step":
+        return 0.1 ** sum(step >= f * total for f in tc["step_at"])
+    raise ValueError(f"unknown schedule {tc['schedule']!r} (cosine or step)")
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def save_checkpoint(path: Path, net, opt, sched, step: int, cfg: dict) -> None:
+    """Everything --resume needs, written to a temporary file and renamed (never half a file)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step, "rng": _rng_state(), "config": cfg}, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(net: CoarseNet, val: dict[str, np.ndarray], model_arrays: dict, batch: int = 64) -> dict[str, float]:
+    """Validation figures over all of `val`: vertex_mm (mean Euclidean distance over the FACE region's
+    camera-space vertices), expression_mae, rotation_deg (mean geodesic);
+    per-sample means, averaged. Runs in eval mode."""
+    from engine.facemodel import model_vertices_torch
+
+    was = net.training
+    net.eval()
+    n = len(val["image"])
+    sums = {"vertex_mm": 0.0, "expression_mae": 0.0, "rotation_deg": 0.0}
+    for i in range(0, n, batch):
+        b = to_tensors({k: v[i:i + batch] for k, v in val.items()})
+        pred = decode(net(b["image"]), b["K_crop"], net.config)
+        k = pred["identity"].shape[1]
+
+        def cam(identity, expression, R, t):
+            v = model_vertices_torch(model_arrays["neutral"], model_arrays["identity_modes"],
+                                     model_arrays["expression_modes"], identity, expression)
+            return torch.einsum("bij,bnj->bni", R, v) + t.unsqueeze(1)
+
+        vp = cam(pred["identity"], pred["expression"], pred["rotation"], pred["translation"])
+        vt = cam(b["identity"][:, :k], b["expression"], b["rotation"], b["translation_cm"])
+        sums["vertex_mm"] += 10.0 * (vp - vt).norm(dim=-1).mean(-1).sum().item()
+        sums["expression_mae"] += (pred["expression"] - b["expression"]).abs().mean(-1).sum().item()
+        sums["rotation_deg"] += torch.rad2deg(rotation_angle(pred["rotation"], b["rotation"])).sum().item()
+    net.train(was)
+    return {k: v / n for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          face_model: FaceModel | None = None, correspondence: LandmarkCorrespondence | None = None,
+          export: bool = True) -> dict:
+    """Run (or with resume=True continue) a training run into out_dir; returns a summary dict
+    {step, loss (last training loss), val (last validation figures), steps_per_s}."""
+    cfg = load_config(config)
+    tc, dc = cfg["train"], cfg["data"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(tc["threads"]))
+    ncfg = net_config(cfg)
+    S = ncfg.input_size
+
+    face_model = face_model or FaceModel.load()
+    correspondence = correspondence or LandmarkCorrespondence.load()
+    geometry = LossGeometry(face_model, correspondence)
+    face = slice(FACE_VERTICES.start, FACE_VERTICES.stop)
+    val_arrays = {"neutral": torch.as_tensor(face_model.neutral[face]),
+                  "identity_modes": torch.as_tensor(face_model.identity_modes[:, face]),
+                  "expression_modes": torch.as_tensor(face_model.expression_modes[:, face])}
+
+    # fresh runs seed everything; resumed runs restore the RNG states below
+    seed = int(tc["seed"])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    net = CoarseNet(ncfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
+    step = 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)   # our own file (numpy RNG state)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step = int(ck["step"])
+        _set_rng_state(ck["rng"])
+
+    # validation set: shards, or synthesized once with its own seed and cached
+    val = None
+    if dc["val_count"]:
+        cache = out / "val.npz"
+        if dc["val_dir"]:
+            val = load_shards(dc["val_dir"], limit=int(dc["val_count"]))
+        elif cache.is_file():
+            with np.load(cache) as d:
+                val = {k: d[k] for k in FIELDS}
+        else:
+            if int(dc["val_seed"]) == int(dc["seed"]) and not dc["dir"]:
+                raise ValueError("val_seed must differ from the training seed")
+            val = synthesize_arrays(int(dc["val_count"]), int(dc["val_seed"]), S, bool(dc["real_backgrounds"]))
+            np.savez(cache, **val)
+
+    total = int(tc["steps"])
+    B = int(tc["batch_size"])
+    if dc["dir"]:
+        source = ShardBatches(load_shards(dc["dir"]), B, seed)
+        batches = (source(s) for s in range(step, total))
+    else:
+        batches = synthetic_batches(B, int(dc["seed"]), S, bool(dc["real_backgrounds"]), step, total,
+                                    int(dc["workers"]))
+
+    metrics = open(out / "metrics.jsonl", "a")
+
+    def log(record: dict) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def validate(at: int) -> dict | None:
+        if val is None:
+            return None
+        figures = evaluate(net, val, val_arrays, int(dc["val_batch"]))
+        log({"step": at, "val": figures})
+        msg = (f"step {at}: val vertex {figures['vertex_mm']:.2f} mm, expression MAE "
+               f"{figures['expression_mae']:.4f}, rotation {figures['rotation_deg']:.2f} deg")
+        (tqdm.write if progress else print)(msg)
+        return figures
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, desc="train coarse", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    last_val = validate(step) if step == 0 else None
+    net.train()
+    loss_value, t0, step0 = float("nan"), time.perf_counter(), step
+    noise = float(tc["noise_std"])
+    try:
+        for batch in batches:
+            b = to_tensors(batch)
+            x = b["image"]
+            if noise > 0:
+                x = x + noise * torch.randn_like(x)
+            pred = decode(net(x), b["K_crop"], ncfg)
+            loss, terms = coarse_loss(pred, b, geometry, ncfg, cfg["loss"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), float(tc["grad_clip"]))
+            opt.step()
+            sched.step()
+            step += 1
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", vert=f"{terms.get('vertex', torch.nan):.1f}mm")
+            if step % int(tc["log_every"]) == 0 or step == total:
+                log({"step": step, "loss": loss_value, "lr": sched.get_last_lr()[0],
+                     **{k: v.item() for k, v in terms.items()}})
+            if step % int(tc["val_every"]) == 0 and step != total:
+                last_val = validate(step)
+            if step % int(tc["checkpoint_every"]) == 0 or step == total:
+                save_checkpoint(ckpt_path, net, opt, sched, step, cfg)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    if step == total and step > step0:
+        last_val = validate(step)
+    metrics.close()
+    if export:
+        net.eval()
+        save_weights(net, out / "coarsenet.pt")
+        from engine.runtime import export_onnx
+
+        export_onnx(net, out / "coarsenet.onnx")
+    rate = (step - step0) / elapsed if elapsed > 0 else float("nan")
+    return {"step": step, "loss": loss_value, "val": last_val, "steps_per_s": rate}
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=Path(__file__).resolve().parent / "configs" / "coarse.toml",
+                    help="TOML or JSON config (default trainers/configs/coarse.toml)")
+    ap.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, metrics, weights, ONNX")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    ap.add_argument("--steps", type=int, help="total steps (overrides the config; also the schedule's length)")
+    ap.add_argument("--data", type=Path, help="folder of trainers.synthesis shards (default: synthesize on the fly)")
+    ap.add_argument("--val-data", type=Path, help="folder of validation shards (distinct seed from --data)")
+    ap.add_argument("--workers", type=int, help="on-the-fly synthesis processes")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.steps is not None:
+        cfg["train"]["steps"] = args.steps
+    if args.data is not None:
+        cfg["data"]["dir"] = str(args.data)
+    if args.val_data is not None:
+        cfg["data"]["val_dir"] = str(args.val_data)
+    if args.workers is not None:
+        cfg["data"]["workers"] = args.workers
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
