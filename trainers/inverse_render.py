@@ -39,7 +39,7 @@ The hairline is a synthetic one (synthesis.vertex_albedo's hair_weight) in that 
 off the skin that was seen in the frame.
 
 CLI: python -m trainers.inverse_render --videos ../shared/data/videos/d10.mp4 ... --count N --out DIR
-    writes DIR/shard-00000.npz ... (synthesis.write_shard), DIR/lifted.npz (the lifted faces),
+    writes DIR/shard-00000.npz ... (synthesis.write_samples), DIR/lifted.npz (the lifted faces),
     DIR/sheet.png (samples) and DIR/lift_sheet.png (per lifted face: the real crop, then the face
     re-rendered in its own pose and estimated light, then its albedo under a flat white light).
 """
@@ -66,7 +66,7 @@ from engine.rasterizer import rasterize
 from trainers.synthesis import (SOURCE_REAL, SynthesisAssets, SynthesisConfig, contact_sheet,
                                 default_background_bank, fast_vertex_normals, landmark_points, linear_to_srgb,
                                 posed_vertices, sh_basis_np, shade_pixels, srgb_to_linear, synthesize,
-                                vertex_albedo, write_shard)
+                                vertex_albedo, write_samples)
 
 #: sRGB code values (0-255) outside which a pixel says nothing about the albedo
 SATURATED_CODE, BLACK_CODE = 250, 3
@@ -450,22 +450,12 @@ def main(argv=None) -> int:
         tiles += [real, again, render_lifted(f, assets, flat, args.out_px)[1]]
     cv2.imwrite(str(args.out / "lift_sheet.png"), cv2.cvtColor(contact_sheet(tiles, columns=9), cv2.COLOR_RGB2BGR))
     bank = None if args.no_real_backgrounds else default_background_bank()
-    samples, sheet, shard = [], [], 0
     t1 = time.perf_counter()
-    for i in tqdm(range(args.count), desc="re-rendering", unit="sample"):
-        rng = np.random.default_rng([args.seed, i])
-        s = inverse_rendered_sample(rng, faces[i % len(faces)], assets, args.out_px, backgrounds=bank)
-        samples.append(s)
-        if len(sheet) < args.sheet:
-            sheet.append(s["image"])
-        if len(samples) == args.shard_size:
-            write_shard(args.out / f"shard-{shard:05d}.npz", samples)
-            samples, shard = [], shard + 1
-    if samples:
-        write_shard(args.out / f"shard-{shard:05d}.npz", samples)
+    samples = (inverse_rendered_sample(np.random.default_rng([args.seed, i]), faces[i % len(faces)], assets,
+                                       args.out_px, backgrounds=bank)
+               for i in tqdm(range(args.count), desc="re-rendering", unit="sample"))
+    write_samples(samples, args.out, args.shard_size, sheet_count=args.sheet)
     t_render = time.perf_counter() - t1
-    if sheet:
-        cv2.imwrite(str(args.out / "sheet.png"), cv2.cvtColor(contact_sheet(sheet), cv2.COLOR_RGB2BGR))
     print(f"{len(faces)} faces fitted and lifted from {len(args.videos)} video(s) in {t_lift:.1f} s; "
           f"{args.count} samples in {t_render:.1f} s ({1000 * t_render / max(args.count, 1):.0f} ms each, "
           f"one process); out in {args.out}")

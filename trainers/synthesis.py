@@ -1401,6 +1401,23 @@ def stack_samples(samples: list[dict]) -> dict:
     return {k: np.stack([np.asarray(s[k]) for s in samples]) for k in samples[0]}
 
 
+def write_samples(samples, out_dir: Path, shard_size: int, first_shard: int = 0, sheet_count: int = 0) -> None:
+    """An iterable of samples -> out_dir/shard-NNNNN.npz of shard_size each (the last may be
+    shorter), and sheet.png of the first sheet_count images."""
+    batch, sheet, shard = [], [], first_shard
+    for s in samples:
+        batch.append(s)
+        if len(sheet) < sheet_count:
+            sheet.append(s["image"])
+        if len(batch) == shard_size:
+            write_shard(out_dir / f"shard-{shard:05d}.npz", batch)
+            batch, shard = [], shard + 1
+    if batch:
+        write_shard(out_dir / f"shard-{shard:05d}.npz", batch)
+    if sheet:
+        cv2.imwrite(str(out_dir / "sheet.png"), cv2.cvtColor(contact_sheet(sheet), cv2.COLOR_RGB2BGR))
+
+
 def write_shard(path: str | Path, samples: list[dict]) -> None:
     """Samples -> one compressed .npz, each field stacked (N, ...)."""
     np.savez_compressed(path, **stack_samples(samples))
@@ -1467,23 +1484,19 @@ def main(argv=None) -> int:
         os.environ.setdefault(var, "1")
     ctx = mp.get_context("spawn")
     init = (args.seed, args.out_px, not args.no_real_backgrounds, args.start + args.count)
-    samples, sheet, shard, cpu_s = [], [], args.start // args.shard_size, 0.0
+    cpu_s = 0.0
     t0 = time.perf_counter()
     with ctx.Pool(max(args.workers, 1), initializer=_worker_init, initargs=init) as pool:
         stream = pool.imap(_worker_sample, range(args.start, args.start + args.count), chunksize=4)
-        for s, cpu in tqdm(stream, total=args.count, desc="synthesizing", unit="sample"):
-            cpu_s += cpu
-            samples.append(s)
-            if len(sheet) < args.sheet:
-                sheet.append(s["image"])
-            if len(samples) == args.shard_size:
-                write_shard(args.out / f"shard-{shard:05d}.npz", samples)
-                samples, shard = [], shard + 1
-    if samples:
-        write_shard(args.out / f"shard-{shard:05d}.npz", samples)
+        timed = tqdm(stream, total=args.count, desc="synthesizing", unit="sample")
+
+        def samples():
+            nonlocal cpu_s
+            for s, cpu in timed:
+                cpu_s += cpu
+                yield s
+        write_samples(samples(), args.out, args.shard_size, args.start // args.shard_size, args.sheet)
     wall = time.perf_counter() - t0
-    if sheet:
-        cv2.imwrite(str(args.out / "sheet.png"), cv2.cvtColor(contact_sheet(sheet), cv2.COLOR_RGB2BGR))
     print(f"{args.count} samples in {wall:.1f} s wall with {args.workers} worker(s) (start-up included); "
           f"{args.count / max(cpu_s, 1e-9):.1f} samples/s per CPU core ({1000 * cpu_s / args.count:.0f} ms CPU "
           f"each); shards in {args.out}")
