@@ -170,6 +170,36 @@ def test_config_file_loads_and_rejects_unknown_terms():
     assert cfg["model"]["input_size"] == 128 and cfg["loss"]["vertex"] == 0.1
     with pytest.raises(ValueError):
         tc.load_config({"loss": {"photometric": 1.0}})
+    assert cfg["loss"]["expression_loss"] in losses.EXPRESSION_LOSSES
+    assert tc.load_config({"loss": {"expression_loss": "l2"}})["loss"]["expression_loss"] == "l2"
+    with pytest.raises(ValueError):
+        tc.load_config({"loss": {"expression_loss": "huber"}})
+
+
+@pytest.mark.parametrize("kind", losses.EXPRESSION_LOSSES)
+def test_expression_loss_kinds(kind):
+    """Zero at the truth, positive elsewhere; under a two-point target (0 w.p. 3/4, 1 w.p. 1/4: a
+    sparse expression weight) L1's best constant is the median (0), L2's the mean (0.25)."""
+    target = torch.tensor([[0.0], [0.0], [0.0], [1.0]])
+    assert losses.expression_loss(target, target, kind).item() == 0.0
+    assert losses.expression_loss(target + 0.1, target, kind).item() > 0.0
+    c = torch.linspace(0, 1, 101)
+    values = torch.stack([losses.expression_loss(v.expand(4, 1), target, kind) for v in c])
+    best = c[values.argmin()].item()
+    assert best == pytest.approx({"l1": 0.0, "l2": 0.25}[kind], abs=1e-6)
+    with pytest.raises(ValueError):
+        losses.expression_loss(target, target, "huber")
+
+
+def test_coarse_loss_takes_the_expression_loss_option(batch, geometry):
+    ncfg = CoarseNetConfig(**TINY_MODEL)
+    pred = dict(truth_as_prediction(batch, ncfg))
+    pred["expression"] = (pred["expression"] + 0.1).clamp(0, 1)
+    err = pred["expression"] - batch["expression"]
+    _, t1 = losses.coarse_loss(pred, batch, geometry, ncfg, {"expression_loss": "l1"})
+    _, t2 = losses.coarse_loss(pred, batch, geometry, ncfg, {"expression_loss": "l2"})
+    assert t1["expression"].item() == pytest.approx(err.abs().mean().item(), rel=1e-5)
+    assert t2["expression"].item() == pytest.approx((err ** 2).mean().item(), rel=1e-5)
 
 
 def test_on_the_fly_batches_follow_the_step(model, corr):

@@ -32,7 +32,7 @@ N_LOSS_VERTICES = 2000
 #: Default term weights: each term in its natural unit (radians, mm, px, weights), scaled so
 #: that typical errors of a half-trained net contribute comparable amounts.
 DEFAULT_WEIGHTS = {
-    "expression": 1.0,      # L1, expression weight units ([0, 1])
+    "expression": 1.0,      # expression_loss (l1: MAE; l2: MSE), expression weight units ([0, 1])
     "identity": 0.1,        # smooth-L1, prior-std units
     "rotation": 1.0,        # geodesic, rad
     "crop": 1.0,            # L1 on crop_xy (crop half-widths) + log_scale
@@ -41,6 +41,13 @@ DEFAULT_WEIGHTS = {
     "sh": 0.1,              # L1 on the (9, 3) SH coefficients
     "albedo": 1.0,          # L1 on linear RGB skin albedo
 }
+
+#: Non-weight loss options (config [loss] keys that are not term weights) and their defaults.
+#: expression_loss: "l1" (optimum under label uncertainty: the per-weight median) or "l2"
+#: (squared error; optimum: the mean). The 53 expression weights are sparse (median ~0), so
+#: under L1 a net that cannot yet tell an expression apart collapses to predicting ~0.
+DEFAULT_OPTIONS = {"expression_loss": "l1"}
+EXPRESSION_LOSSES = ("l1", "l2")
 
 
 class LossGeometry:
@@ -83,9 +90,14 @@ class LossGeometry:
 # ---------------------------------------------------------------- terms
 
 
-def expression_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 between (B, M) expression weights in [0, 1]: the mean absolute error itself."""
-    return (pred - target).abs().mean()
+def expression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Between (B, M) expression weights in [0, 1]: kind "l1" is the mean absolute error itself,
+    "l2" the mean squared error."""
+    if kind == "l1":
+        return (pred - target).abs().mean()
+    if kind == "l2":
+        return ((pred - target) ** 2).mean()
+    raise ValueError(f"unknown expression loss {kind!r} (one of {EXPRESSION_LOSSES})")
 
 
 def identity_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -160,11 +172,12 @@ def coarse_loss(pred: dict, batch: dict, geometry: LossGeometry, config: CoarseN
     batch: tensors identity (B, 60), expression (B, 53), rotation (B, 3, 3), translation_cm (B, 3),
     K_crop (B, 3, 3), landmarks (B, 478, 2) crop px, landmark_visible (B, 478) bool,
     sh (B, 9, 3), skin_rgb (B, 3). A term whose weight is 0 is skipped.
+    `weights` may also hold the DEFAULT_OPTIONS keys (expression_loss).
     """
-    w = dict(DEFAULT_WEIGHTS, **(weights or {}))
+    w = {**DEFAULT_WEIGHTS, **DEFAULT_OPTIONS, **(weights or {})}
     terms: dict[str, torch.Tensor] = {}
     if w["expression"]:
-        terms["expression"] = expression_loss(pred["expression"], batch["expression"])
+        terms["expression"] = expression_loss(pred["expression"], batch["expression"], w["expression_loss"])
     if w["identity"]:
         terms["identity"] = identity_loss(pred["identity"], batch["identity"])
     if w["rotation"]:

@@ -37,7 +37,8 @@ import torch
 from engine.coarsenet import CoarseNet, CoarseNetConfig, decode, preprocess, save_weights
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FACE_VERTICES, FaceModel
-from trainers.losses import DEFAULT_WEIGHTS, LossGeometry, coarse_loss, rotation_angle
+from trainers.losses import (DEFAULT_OPTIONS, DEFAULT_WEIGHTS, EXPRESSION_LOSSES, LossGeometry, coarse_loss,
+                             rotation_angle)
 
 #: The sample fields training reads (the rest of a shard is left on disk).
 FIELDS = ("image", "identity", "expression", "rotation", "translation_cm", "K_crop", "landmarks",
@@ -58,7 +59,7 @@ DEFAULT_CONFIG: dict = {
         "real_backgrounds": True,
         "val_dir": None, "val_count": 256, "val_seed": 1, "val_batch": 64,
     },
-    "loss": dict(DEFAULT_WEIGHTS),
+    "loss": dict(DEFAULT_WEIGHTS, **DEFAULT_OPTIONS),   # term weights + options (expression_loss)
 }
 
 
@@ -82,9 +83,11 @@ def load_config(config: str | Path | dict | None) -> dict:
         path = Path(config)
         user = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
     cfg = _merge(DEFAULT_CONFIG, user)
-    unknown = set(cfg["loss"]) - set(DEFAULT_WEIGHTS)
+    unknown = set(cfg["loss"]) - set(DEFAULT_WEIGHTS) - set(DEFAULT_OPTIONS)
     if unknown:
         raise ValueError(f"unknown loss terms in config: {sorted(unknown)}")
+    if cfg["loss"]["expression_loss"] not in EXPRESSION_LOSSES:
+        raise ValueError(f"unknown expression_loss {cfg['loss']['expression_loss']!r} (one of {EXPRESSION_LOSSES})")
     return cfg
 
 
