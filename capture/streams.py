@@ -126,9 +126,9 @@ def open_stream(url: str) -> Stream:
     Host and port may be left out (127.0.0.1 and the protocol's default port);
     query options are passed to the protocol as keyword strings.
     """
-    parts = urlsplit(url if "://" in url else "")
     if "://" not in url:
         raise StreamError(f"stream URL {url!r} needs a protocol, e.g. vmc://127.0.0.1:39539")
+    parts = urlsplit(url)
     cls = stream_class(parts.scheme)
     try:
         port = cls.default_port if parts.port is None else parts.port
