@@ -3,8 +3,8 @@
 Each configuration runs in a fresh subprocess pinned with os.sched_setaffinity to as
 many CPUs as it has threads (1 thread = one core), started with
 OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=MKL_NUM_THREADS=1 as the capture command does.
-A timed call is the runtime interface end to end, `rt.run(crops, K_crop)`: one uint8
-128 px crop in, the decoded dict out (preprocessing and decoding are in the graph).
+A timed call is the runtime interface end to end, `rt.run(crops, K_crop, landmarks)`: one uint8
+128 px crop and its 478 tracked landmarks in, the decoded dict out (preprocessing and decoding are in the graph).
 After --warmup calls, --runs calls are timed; median and p95 in ms, and median / 2 ms
 (the CoarseNet target on one core).
 
@@ -67,14 +67,16 @@ def worker(args) -> int:
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (1, S, S, 3), dtype=np.uint8)
     K = np.array([[250.0, 0, 60], [0, 250.0, 66], [0, 0, 1]], np.float32)
+    L = model.config.n_landmarks
+    landmarks = rng.uniform(16, S - 16, (1, L, 2)).astype(np.float32) if L else None
     for _ in range(args.warmup):
-        rt.run(crops, K)
+        rt.run(crops, K, landmarks)
     times = np.empty(args.runs)
     cpu0 = time.process_time()
     wall0 = time.perf_counter()
     for i in range(args.runs):
         t0 = time.perf_counter()
-        rt.run(crops, K)
+        rt.run(crops, K, landmarks)
         times[i] = time.perf_counter() - t0
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0

@@ -20,7 +20,10 @@ name           size   decoded as
 =============  =====  ============================================================
 identity       60     as is: face-model identity weights, units of the prior's std
                       (the model's weights ~ N(0, 1)), (B, 60)
-expression     53     sigmoid -> [0, 1], the model's expression weights, (B, 53)
+expression     53     as is, clamped to [0, 1]: the model's expression weights, (B, 53); training
+                      reads the unclamped `expression_linear` (a sigmoid here saturates: most
+                      targets are exactly 0, the logits run off to -inf and the gradient dies —
+                      nets with a sigmoid never learned a single expression)
 rot6d          6      two 3-vectors a1, a2 -> Gram-Schmidt -> R = [b1 b2 b1×b2]
                       (columns), model -> crop camera, (B, 3, 3)
 crop_xy        2      where the model-space anchor point projects in the crop,
@@ -87,11 +90,16 @@ class CoarseNetConfig:
     scale_ref_cm: float = 20.0            # a span of this many cm fills the crop at log_scale 0
     expression_prior: float = 0.05        # decoded expression weight of the untrained head
     albedo_prior: float = 0.5             # decoded albedo (every channel) of the untrained head
+    n_landmarks: int = 478                # tracked landmarks the net also reads (0: crop only)
+    landmark_hidden: tuple[int, ...] = (512, 256)  # the landmark branch's MLP widths
+    landmark_skip: bool = True            # the head also reads the landmarks themselves (a linear path:
+                                          # learned in a few hundred steps, where the MLP takes thousands)
 
     def __post_init__(self):
         # lists (from a saved dict) back to tuples, so configs compare equal and hash
         object.__setattr__(self, "stages", tuple(tuple(int(v) for v in s) for s in self.stages))
         object.__setattr__(self, "anchor_cm", tuple(float(v) for v in self.anchor_cm))
+        object.__setattr__(self, "landmark_hidden", tuple(int(v) for v in self.landmark_hidden))
 
     @property
     def n_params(self) -> int:
@@ -160,7 +168,15 @@ class CoarseNet(nn.Module):
                 c = cout
         layers.append(ConvBNAct(c, config.last_channels, k=1))
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(config.last_channels, config.n_params)
+        branch: list[nn.Module] = []
+        width = 2 * config.n_landmarks
+        for hidden in (config.landmark_hidden if config.n_landmarks else ()):
+            branch += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        self.landmark_branch = nn.Sequential(*branch)
+        if config.n_landmarks:
+            width += 2 * config.n_landmarks if config.landmark_skip else 0
+        self.head = nn.Linear(config.last_channels + (width if config.n_landmarks else 0), config.n_params)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -175,10 +191,21 @@ class CoarseNet(nn.Module):
         with torch.no_grad():
             self.head.bias.copy_(prior_params(self.config))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 3, S, S) normalised RGB -> (B, P)."""
+    def embed(self, x: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's input (B, F): pooled image features, the landmark branch's, the landmarks."""
         feats = self.features(x).mean(dim=(2, 3))
-        return self.head(feats)
+        if not self.config.n_landmarks:
+            return feats
+        if landmarks is None:
+            raise ValueError(f"this CoarseNet reads {self.config.n_landmarks} tracked landmarks; none were given")
+        flat = landmarks.reshape(landmarks.shape[0], -1)
+        parts = [feats, self.landmark_branch(flat)] + ([flat] if self.config.landmark_skip else [])
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, 3, S, S) normalised RGB, landmarks (B, L, 2) normalised crop coordinates
+        (`normalise_landmarks`; required when config.n_landmarks > 0) -> (B, P)."""
+        return self.head(self.embed(x, landmarks))
 
     def decode(self, params: torch.Tensor, K_crop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`decode` with this net's config."""
@@ -195,11 +222,17 @@ def preprocess(crops: torch.Tensor) -> torch.Tensor:
     return crops.permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 127.5) - 1.0
 
 
+def normalise_landmarks(landmarks_px: torch.Tensor, input_size: int) -> torch.Tensor:
+    """(B, L, 2) crop px -> (B, L, 2) crop-normalised, the crop spanning [-1, 1] (crop_xy's units)."""
+    c = (input_size - 1.0) / 2.0
+    return (landmarks_px - c) * (2.0 / input_size)
+
+
 def prior_params(config: CoarseNetConfig) -> torch.Tensor:
     """(P,) raw parameters that decode to a frontal, centred, neutral face in ambient light."""
     lay = param_layout(config)
     p = torch.zeros(config.n_params)
-    p[lay["expression"]] = math.log(config.expression_prior / (1.0 - config.expression_prior))
+    p[lay["expression"]] = config.expression_prior
     # FRONTAL = diag(1, -1, -1): its first two columns
     p[lay["rot6d"]] = torch.tensor([1.0, 0.0, 0.0, 0.0, -1.0, 0.0])
     sh = torch.zeros(9, 3)
@@ -292,7 +325,8 @@ def crop_params_from_translation(translation: torch.Tensor, rotation: torch.Tens
 
 def decode(params: torch.Tensor, K_crop: torch.Tensor | None = None,
            config: CoarseNetConfig | None = None) -> dict[str, torch.Tensor]:
-    """Raw (B, P) -> χ as tensors: identity (B, n_id) prior-std units, expression (B, 53) in [0, 1],
+    """Raw (B, P) -> χ as tensors: identity (B, n_id) prior-std units, expression (B, 53) in [0, 1]
+    (expression_linear: the same unclamped, for losses),
     rotation (B, 3, 3) model -> crop camera, crop_xy (B, 2), log_scale (B, 1), sh (B, 9, 3),
     albedo (B, n_albedo) in [0, 1], and translation (B, 3) cm in the crop camera when K_crop
     ((3, 3) or (B, 3, 3), px) is given."""
@@ -301,7 +335,8 @@ def decode(params: torch.Tensor, K_crop: torch.Tensor | None = None,
     B = params.shape[0]
     out = {
         "identity": params[:, lay["identity"]],
-        "expression": torch.sigmoid(params[:, lay["expression"]]),
+        "expression": params[:, lay["expression"]].clamp(0.0, 1.0),
+        "expression_linear": params[:, lay["expression"]],
         "rotation": rotation_from_6d(params[:, lay["rot6d"]]),
         "crop_xy": params[:, lay["crop_xy"]],
         "log_scale": params[:, lay["log_scale"]],
@@ -334,7 +369,8 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
 
 
 def count_macs(model: nn.Module, input_size: int | None = None) -> int:
-    """Multiply-accumulates of the Conv2d and Linear layers for one (1, 3, S, S) input, counted by hooks."""
+    """Multiply-accumulates of the Conv2d and Linear layers for one (1, 3, S, S) input (and its
+    landmarks), counted by hooks."""
     size = input_size or model.config.input_size
     total = 0
 
@@ -353,10 +389,11 @@ def count_macs(model: nn.Module, input_size: int | None = None) -> int:
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(linear_hook))
     was_training = model.training
+    L = model.config.n_landmarks
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
+            model(torch.zeros(1, 3, size, size), torch.zeros(1, L, 2) if L else None)
     finally:
         model.train(was_training)
         for h in hooks:

@@ -5,10 +5,11 @@ decoded parameters out (preprocessing and decoding included), so the only differ
 between runtimes is the arithmetic of the backend. Use:
 
     rt = OnnxRuntime.from_model(net)                  # or OnnxRuntime("coarsenet.onnx")
-    out = rt.run(crops_uint8_BxSxSx3, K_crop_Bx3x3)   # dict of float32 numpy arrays
+    out = rt.run(crops_uint8_BxSxSx3, K_crop_Bx3x3, landmarks_BxLx2)   # dict of float32 numpy arrays
 
 ONNX graph (`export_onnx`, opset 17, dynamic batch axis "batch"):
-  inputs   crops   (B, S, S, 3) uint8 RGB;  K_crop (B, 3, 3) float32 px, the crop's pinhole camera
+  inputs   crops   (B, S, S, 3) uint8 RGB;  K_crop (B, 3, 3) float32 px, the crop's pinhole camera;
+           landmarks (B, L, 2) float32 crop px, the tracked landmarks (nets with config.n_landmarks > 0)
   outputs  identity (B, 60), expression (B, 53), rotation (B, 3, 3), translation (B, 3) cm,
            crop_xy (B, 2), log_scale (B, 1), sh (B, 9, 3), albedo (B, 3)
 exported with torch's TorchScript-based exporter (dynamo=False): the dynamo exporter
@@ -34,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.coarsenet import CoarseNet, decode, preprocess
+from engine.coarsenet import CoarseNet, decode, normalise_landmarks, preprocess
 
-INPUT_NAMES = ("crops", "K_crop")
+INPUT_NAMES = ("crops", "K_crop", "landmarks")
 OUTPUT_NAMES = ("identity", "expression", "rotation", "translation", "crop_xy", "log_scale", "sh", "albedo")
 ONNX_OPSET = 17
 
@@ -59,8 +60,14 @@ def nominal_crop_camera(size: int) -> np.ndarray:
     return np.array([[size, 0.0, c], [0.0, size, c], [0.0, 0.0, 1.0]], dtype=np.float32)
 
 
+def input_names(net_config) -> tuple[str, ...]:
+    """The graph's inputs: crops, K_crop, and landmarks when the net reads them."""
+    return INPUT_NAMES if net_config.n_landmarks else INPUT_NAMES[:2]
+
+
 class CoarseNetInference(nn.Module):
-    """crops (B, S, S, 3) uint8 + K_crop (B, 3, 3) -> decoded outputs in OUTPUT_NAMES order.
+    """crops (B, S, S, 3) uint8 + K_crop (B, 3, 3) [+ landmarks (B, L, 2) crop px] -> decoded
+    outputs in OUTPUT_NAMES order.
 
     The one graph every runtime executes (and the one exported to ONNX)."""
 
@@ -68,8 +75,11 @@ class CoarseNetInference(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, crops: torch.Tensor, K_crop: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = decode(self.net(preprocess(crops)), K_crop, self.net.config)
+    def forward(self, crops: torch.Tensor, K_crop: torch.Tensor,
+                landmarks: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        S = self.net.config.input_size
+        lm = None if landmarks is None else normalise_landmarks(landmarks, S)
+        out = decode(self.net(preprocess(crops), lm), K_crop, self.net.config)
         return tuple(out[k] for k in OUTPUT_NAMES)
 
 
@@ -78,9 +88,12 @@ class CoarseRuntime:
 
     name = "base"
     input_size: int
+    n_landmarks: int
 
-    def run(self, crops: np.ndarray, K_crop: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """crops (B, S, S, 3) uint8 RGB, K_crop (3, 3) or (B, 3, 3) px -> dict of float32 arrays
+    def run(self, crops: np.ndarray, K_crop: np.ndarray | None = None,
+            landmarks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """crops (B, S, S, 3) uint8 RGB, K_crop (3, 3) or (B, 3, 3) px, landmarks (B, L, 2+) crop px
+        (the tracked ones, for nets that read them) -> dict of float32 arrays
         (OUTPUT_NAMES; without K_crop there is no 'translation', only crop_xy and log_scale)."""
         crops = np.ascontiguousarray(crops)
         S = self.input_size
@@ -92,16 +105,24 @@ class CoarseRuntime:
             K = np.tile(K, (B, 1, 1))
         if K.shape != (B, 3, 3):
             raise ValueError(f"K_crop must be (3, 3) or ({B}, 3, 3), got {K.shape}")
-        out = dict(zip(OUTPUT_NAMES, self._run(crops, np.ascontiguousarray(K, dtype=np.float32))))
+        lm = None
+        if self.n_landmarks:
+            if landmarks is None:
+                raise ValueError(f"this CoarseNet reads {self.n_landmarks} tracked landmarks per crop; none were given")
+            lm = np.ascontiguousarray(np.asarray(landmarks, dtype=np.float32)[..., :2])
+            if lm.shape != (B, self.n_landmarks, 2):
+                raise ValueError(f"landmarks must be ({B}, {self.n_landmarks}, 2+) crop px, got {np.shape(landmarks)}")
+        out = dict(zip(OUTPUT_NAMES, self._run(crops, np.ascontiguousarray(K, dtype=np.float32), lm)))
         if K_crop is None:
             del out["translation"]
         return out
 
-    def _run(self, crops: np.ndarray, K_crop: np.ndarray) -> list[np.ndarray]:
+    def _run(self, crops: np.ndarray, K_crop: np.ndarray, landmarks: np.ndarray | None) -> list[np.ndarray]:
         raise NotImplementedError
 
-    def __call__(self, crops: np.ndarray, K_crop: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        return self.run(crops, K_crop)
+    def __call__(self, crops: np.ndarray, K_crop: np.ndarray | None = None,
+                 landmarks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return self.run(crops, K_crop, landmarks)
 
 
 class TorchRuntime(CoarseRuntime):
@@ -119,11 +140,13 @@ class TorchRuntime(CoarseRuntime):
             torch.set_num_threads(num_threads)
         self.graph = CoarseNetInference(model.eval()).eval()
         self.input_size = model.config.input_size
+        self.n_landmarks = model.config.n_landmarks
         self.device = next(model.parameters()).device
 
-    def _run(self, crops: np.ndarray, K_crop: np.ndarray) -> list[np.ndarray]:
+    def _run(self, crops: np.ndarray, K_crop: np.ndarray, landmarks: np.ndarray | None) -> list[np.ndarray]:
+        lm = None if landmarks is None else torch.from_numpy(landmarks).to(self.device)
         with torch.inference_mode():
-            outs = self.graph(torch.from_numpy(crops).to(self.device), torch.from_numpy(K_crop).to(self.device))
+            outs = self.graph(torch.from_numpy(crops).to(self.device), torch.from_numpy(K_crop).to(self.device), lm)
         return [o.float().cpu().numpy() for o in outs]
 
 
@@ -163,14 +186,19 @@ class OnnxRuntime(CoarseRuntime):
         self.input_size = int(shape[1])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.config = json.loads(meta["coarsenet_config"]) if "coarsenet_config" in meta else None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.n_landmarks = int(inputs["landmarks"].shape[1]) if "landmarks" in inputs else 0
 
     @classmethod
     def from_model(cls, model: CoarseNet, **kwargs) -> "OnnxRuntime":
         """Export `model` in memory and open it."""
         return cls(export_onnx(model), **kwargs)
 
-    def _run(self, crops: np.ndarray, K_crop: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(list(OUTPUT_NAMES), {"crops": crops, "K_crop": K_crop})
+    def _run(self, crops: np.ndarray, K_crop: np.ndarray, landmarks: np.ndarray | None) -> list[np.ndarray]:
+        feeds = {"crops": crops, "K_crop": K_crop}
+        if landmarks is not None:
+            feeds["landmarks"] = landmarks
+        return self.session.run(list(OUTPUT_NAMES), feeds)
 
 
 def export_onnx(model: CoarseNet, path: str | Path | None = None, opset: int = ONNX_OPSET,
@@ -184,15 +212,19 @@ def export_onnx(model: CoarseNet, path: str | Path | None = None, opset: int = O
     S = model.config.input_size
     crops = torch.zeros(1, S, S, 3, dtype=torch.uint8)
     K = torch.from_numpy(nominal_crop_camera(S)).unsqueeze(0)
-    axes = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES} if dynamic_batch else None
+    names = input_names(model.config)
+    args = (crops, K)
+    if model.config.n_landmarks:
+        args += (torch.full((1, model.config.n_landmarks, 2), S / 2.0),)
+    axes = {name: {0: "batch"} for name in names + OUTPUT_NAMES} if dynamic_batch else None
     was_training = model.training
     buf = io.BytesIO()
     try:
         model.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
-            torch.onnx.export(CoarseNetInference(model), (crops, K), buf, dynamo=False, opset_version=opset,
-                              input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            torch.onnx.export(CoarseNetInference(model), args, buf, dynamo=False, opset_version=opset,
+                              input_names=list(names), output_names=list(OUTPUT_NAMES),
                               dynamic_axes=axes, do_constant_folding=True)
     finally:
         model.train(was_training)

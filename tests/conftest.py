@@ -52,11 +52,16 @@ def _randomised_net(seed: int = 0, config=None):
                 m.momentum = None  # cumulative average
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+        L = net.config.n_landmarks
+
+        def landmarks():  # normalised crop coordinates, as engine.coarsenet.normalise_landmarks gives
+            return torch.rand(4, L, 2) * 1.6 - 0.8 if L else None
+
         net.train()
         for _ in range(2):
-            net(torch.rand(4, 3, size, size) * 2 - 1)
+            net(torch.rand(4, 3, size, size) * 2 - 1, landmarks())
         net.eval()
-        feats = net.features(torch.rand(4, 3, size, size) * 2 - 1).mean(dim=(2, 3))
+        feats = net.embed(torch.rand(4, 3, size, size) * 2 - 1, landmarks())
         spread = float(feats.std(0).mean())
         net.head.weight.normal_(0.0, 1.0 / (spread * math.sqrt(feats.shape[1])))
     return net

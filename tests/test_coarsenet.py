@@ -23,6 +23,12 @@ def random_rotations(n: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(np.stack([rodrigues(rng.normal(size=3)) for _ in range(n)]), dtype=f64)
 
 
+def random_landmarks(n: int, config: CoarseNetConfig | None = None) -> torch.Tensor | None:
+    """(n, L, 2) normalised crop coordinates for nets that read landmarks (None for those that do not)."""
+    L = (config or CoarseNetConfig()).n_landmarks
+    return torch.rand(n, L, 2) * 1.6 - 0.8 if L else None
+
+
 def crop_camera(fx=410.0, fy=410.0, cx=70.0, cy=52.0, angle=0.0) -> torch.Tensor:
     """A crop's K: a pinhole, optionally with the crop rotated in the image plane (still affine)."""
     K = torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], dtype=f64)
@@ -49,10 +55,11 @@ def test_forward_and_decode_shapes():
     net = CoarseNet().eval()
     x = torch.rand(2, 3, S, S) * 2 - 1
     with torch.no_grad():
-        p = net(x)
+        p = net(x, random_landmarks(2))
         out = net.decode(p, crop_camera().float())
     assert p.shape == (2, 152)
-    shapes = {"identity": (2, 60), "expression": (2, 53), "rotation": (2, 3, 3), "translation": (2, 3),
+    shapes = {"identity": (2, 60), "expression": (2, 53), "expression_linear": (2, 53), "rotation": (2, 3, 3),
+              "translation": (2, 3),
               "crop_xy": (2, 2), "log_scale": (2, 1), "sh": (2, 9, 3), "albedo": (2, 3)}
     assert {k: tuple(v.shape) for k, v in out.items()} == shapes
     assert "translation" not in net.decode(p)
@@ -82,6 +89,9 @@ def test_decode_ranges_on_extreme_parameters():
     assert torch.allclose(torch.linalg.det(R), torch.ones(64, dtype=f64), atol=1e-5)
     assert torch.isfinite(out["translation"]).all()
     assert torch.equal(out["identity"], p[:, :60])  # identity weights are passed through, prior-std units
+    # expression: the raw outputs clamped (no sigmoid to saturate); the unclamped ones kept for losses
+    assert torch.equal(out["expression_linear"], p[:, 60:113])
+    assert torch.equal(out["expression"], p[:, 60:113].clamp(0, 1))
     assert torch.equal(out["sh"], p[:, 122:149].reshape(64, 9, 3))  # after 60 + 53 + 6 + 2 + 1
 
 
@@ -158,8 +168,21 @@ def test_prior_decodes_to_a_frontal_neutral_centred_face():
 def test_untrained_net_outputs_the_prior():
     net = CoarseNet().eval()
     with torch.no_grad():
-        p = net(torch.rand(3, 3, S, S) * 2 - 1)
+        p = net(torch.rand(3, 3, S, S) * 2 - 1, random_landmarks(3))
     assert torch.allclose(p, prior_params(net.config).expand(3, -1), atol=0.05)
+
+
+def test_landmarks_are_required_and_read():
+    net = CoarseNet().eval()
+    x = torch.rand(2, 3, S, S) * 2 - 1
+    with pytest.raises(ValueError, match="landmarks"):
+        net(x)
+    torch.nn.init.normal_(net.head.weight, std=0.05)
+    lm = random_landmarks(2)
+    with torch.no_grad():
+        assert not torch.allclose(net(x, lm), net(x, lm + 0.1))
+        # a crop-only net needs none
+        assert CoarseNet(CoarseNetConfig(n_landmarks=0)).eval()(x).shape == (2, 152)
 
 
 # ---------------------------------------------------------------- training-side properties
@@ -168,7 +191,7 @@ def test_untrained_net_outputs_the_prior():
 def test_gradients_reach_every_parameter(randomised_net):
     net = randomised_net(seed=4).train()
     x = torch.rand(2, 3, S, S) * 2 - 1
-    out = net.decode(net(x), crop_camera().float())
+    out = net.decode(net(x, random_landmarks(2)), crop_camera().float())
     loss = sum(((v - 0.3) ** 2).mean() for v in out.values())
     loss.backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
@@ -183,9 +206,9 @@ def test_save_load_round_trip(tmp_path, randomised_net):
     save_weights(net, path)
     loaded = load_weights(path)
     assert loaded.config == cfg and not loaded.training
-    x = torch.rand(2, 3, S, S) * 2 - 1
+    x, lm = torch.rand(2, 3, S, S) * 2 - 1, random_landmarks(2, cfg)
     with torch.no_grad():
-        assert torch.equal(net(x), loaded(x))
+        assert torch.equal(net(x, lm), loaded(x, lm))
     assert path.stat().st_size < 4 * net.n_parameters + 200_000  # float32 weights plus small overhead
 
 
@@ -197,20 +220,24 @@ def test_load_rejects_other_files(tmp_path):
 
 
 def test_count_macs_matches_hand_count():
-    cfg = CoarseNetConfig(width=1.0, stages=(), last_channels=64)
+    cfg = CoarseNetConfig(width=1.0, stages=(), last_channels=64, n_landmarks=0)
     net = CoarseNet(cfg)
     stem = 64 * 64 * 32 * 3 * 9           # 3x3 stride 2, 3 -> 32 channels, 64 x 64 output
     last = 64 * 64 * 64 * 32              # 1x1, 32 -> 64 channels
     head = 64 * cfg.n_params
     assert count_macs(net) == stem + last + head
     # one inverted residual block, stride 1, expansion 6: 16 -> 96 -> dw -> 16 (on the 64 x 64 map)
-    cfg2 = CoarseNetConfig(width=0.5, stages=((6, 32, 1, 1),), last_channels=64)  # 16 channels after width
+    cfg2 = CoarseNetConfig(width=0.5, stages=((6, 32, 1, 1),), last_channels=64,
+                           n_landmarks=0)  # 16 channels after width
     net2 = CoarseNet(cfg2)
     block = 64 * 64 * (16 * 96 + 96 * 9 + 96 * 16)
     assert count_macs(net2) == 64 * 64 * 16 * 27 + block + 64 * 64 * 64 * 16 + 64 * cfg2.n_params
+    # the landmark branch: 10 points -> MLP 8 -> head over 64 + 8 + 20 features
+    cfg3 = CoarseNetConfig(width=1.0, stages=(), last_channels=64, n_landmarks=10, landmark_hidden=(8,))
+    assert count_macs(CoarseNet(cfg3)) == stem + last + 20 * 8 + (64 + 8 + 20) * cfg3.n_params
 
 
 def test_default_size_stays_small():
     net = CoarseNet()
-    assert 300_000 < net.n_parameters < 1_000_000
+    assert 300_000 < net.n_parameters < 2_500_000   # the landmark branch and skip are ~1 M of it
     assert count_macs(net) < 40e6

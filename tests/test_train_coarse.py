@@ -1,9 +1,11 @@
 """CoarseNet training: losses vanish at the truth, training fits a small batch, resume is exact."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from engine.coarsenet import CoarseNetConfig, crop_params_from_translation, load_weights
+from engine.coarsenet import CoarseNetConfig, crop_params_from_translation, load_weights, save_weights
 from engine.correspondence import LandmarkCorrespondence
 from trainers import losses
 from trainers import synthesis as syn
@@ -112,7 +114,8 @@ def test_training_fits_a_small_batch(shard_dir, model, corr):
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     history = []
     for _ in range(40):
-        loss, _ = losses.coarse_loss(tc.decode(net(b["image"]), b["K_crop"], ncfg), b, geometry, ncfg)
+        pred = tc.decode(net(b["image"], tc.input_landmarks(b, ncfg.input_size)), b["K_crop"], ncfg)
+        loss, _ = losses.coarse_loss(pred, b, geometry, ncfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -145,6 +148,35 @@ def test_resume_is_exact_and_outputs_are_written(shard_dir, model, corr, tmp_pat
     assert np.isfinite(resumed["val"]["rotation_deg"])
 
 
+def test_init_starts_from_weights_and_data_may_be_several_folders(shard_dir, model, corr, tmp_path,
+                                                                  randomised_net):
+    """A fine-tuning stage: train.init loads the weights (step 0 validates the given net, not a random
+    one); data.dir as a list reads every folder; another architecture is refused."""
+    kw = {"face_model": model, "correspondence": corr, "progress": False, "export": False}
+    start = randomised_net(seed=7, config=CoarseNetConfig(**TINY_MODEL))
+    save_weights(start, tmp_path / "start.pt")
+    cfg = tiny_config(shard_dir, 1, init=str(tmp_path / "start.pt"))
+    cfg["data"]["dir"] = [str(shard_dir / "train"), str(shard_dir / "val")]
+    tc.train(cfg, tmp_path / "run", **kw)
+    first_val = next(r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+                     if "val" in r)
+    val = tc.load_shards(shard_dir / "val", limit=4)
+    assert first_val["val"] == tc.evaluate(start, val, _face_arrays(model), 64)
+    assert len(tc.load_shards(cfg["data"]["dir"])["image"]) == 12
+    other = dict(cfg, model=dict(TINY_MODEL, width=0.35))
+    with pytest.raises(ValueError, match="architecture"):
+        tc.train(other, tmp_path / "other", **kw)
+
+
+def _face_arrays(model):
+    from engine.facemodel import FACE_VERTICES
+
+    face = slice(FACE_VERTICES.start, FACE_VERTICES.stop)
+    return {"neutral": torch.as_tensor(model.neutral[face]),
+            "identity_modes": torch.as_tensor(model.identity_modes[:, face]),
+            "expression_modes": torch.as_tensor(model.expression_modes[:, face])}
+
+
 def _interrupt_after(n_steps, run):
     """Run `run` with the optimiser's step raising KeyboardInterrupt once n_steps have happened."""
     original = torch.optim.AdamW.step
@@ -167,7 +199,7 @@ def test_config_file_loads_and_rejects_unknown_terms():
     from pathlib import Path
 
     cfg = tc.load_config(Path(tc.__file__).parent / "configs" / "coarse.toml")
-    assert cfg["model"]["input_size"] == 128 and cfg["loss"]["vertex"] == 0.1
+    assert cfg["model"]["input_size"] == 128 and cfg["loss"]["vertex"] == 0.05
     with pytest.raises(ValueError):
         tc.load_config({"loss": {"photometric": 1.0}})
     assert cfg["loss"]["expression_loss"] in losses.EXPRESSION_LOSSES
@@ -212,3 +244,65 @@ def test_on_the_fly_batches_follow_the_step(model, corr):
     assert np.array_equal(b["expression"][0], ds[2]["expression"])
     with pytest.raises(StopIteration):
         next(it)
+
+
+# ---------------------------------------------------------------- the real-frame stage (trainers.selfsup)
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory):
+    """A few 64 px real pairs: d3's first frames for training, d20's (a held-out video) for evaluation."""
+    from trainers import real_frames as rf
+
+    videos = [rf.DEFAULT_VIDEO_DIR / "d3.mp4", rf.DEFAULT_VIDEO_DIR / "d20.mp4"]
+    if not all(v.is_file() for v in videos):
+        pytest.skip("the sample videos are not there")
+    out = tmp_path_factory.mktemp("real")
+    assert rf.main(["--out", str(out), "--videos", *map(str, videos), "--max-frames", "6",
+                    "--pairs-per-video", "0", "--out-px", str(S)]) == 0
+    return out
+
+
+def real_config(shard_dir, real_dir, steps, **train):
+    cfg = tiny_config(shard_dir, steps, **train)
+    cfg["real"] = {"dir": str(real_dir), "batch_size": 2, "val_count": 4}
+    return cfg
+
+
+def test_mixed_real_training_logs_the_real_terms_and_resumes_exactly(shard_dir, real_dir, model, corr, tmp_path):
+    """Synthetic batches plus real pairs: the real terms are in metrics.jsonl beside the synthetic ones,
+    held-out real pairs are scored, and 3 steps straight == 2 steps, stop, resume for 1 more."""
+    import json
+
+    kw = {"face_model": model, "correspondence": corr, "progress": False, "export": False}
+    straight = tc.train(real_config(shard_dir, real_dir, 3), tmp_path / "a", **kw)
+    first = real_config(shard_dir, real_dir, 3, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt_after(2, lambda: tc.train(first, tmp_path / "b", **kw))
+    resumed = tc.train(first, tmp_path / "b", resume=True, **kw)
+    assert resumed["step"] == straight["step"] == 3
+    assert resumed["loss"] == straight["loss"]
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert len(train_records) == 3
+    for k in ("real_landmark", "real_photo", "real_flow", "real_same", "real_prior", "vertex", "expression"):
+        assert np.isfinite(train_records[-1][k]), k
+    assert train_records[-1]["real_photo"] > 0 and train_records[-1]["real_flow"] > 0
+    val_real = [r["val_real"] for r in records if "val_real" in r]
+    assert len(val_real) == 2                          # at step 0 and at the end
+    assert val_real[-1]["pairs"] == 4
+    for k in ("landmark_px", "landmark_iod", "flow_px", "flow_zero_px"):
+        assert np.isfinite(val_real[-1][k]) and val_real[-1][k] > 0, k
+
+
+def test_real_section_defaults_off_and_rejects_unknown_keys():
+    from pathlib import Path
+
+    cfg = tc.load_config(Path(tc.__file__).parent / "configs" / "coarse.toml")
+    assert cfg["real"]["dir"] is None and cfg["real"]["synthetic"] is True
+    assert tc.load_config({"real": {"photo": 2.0}})["real"]["photo"] == 2.0
+    with pytest.raises(ValueError):
+        tc.load_config({"real": {"photometric": 1.0}})

@@ -168,7 +168,8 @@ def coarse_loss(pred: dict, batch: dict, geometry: LossGeometry, config: CoarseN
                 weights: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the supervised terms and the terms themselves (detached).
 
-    pred: engine.coarsenet.decode output with translation (decode was given K_crop).
+    pred: engine.coarsenet.decode output with translation (decode was given K_crop); the terms read
+    the unclamped expression_linear, so a weight below 0 or above 1 still gets a gradient.
     batch: tensors identity (B, 60), expression (B, 53), rotation (B, 3, 3), translation_cm (B, 3),
     K_crop (B, 3, 3), landmarks (B, 478, 2) crop px, landmark_visible (B, 478) bool,
     sh (B, 9, 3), skin_rgb (B, 3). A term whose weight is 0 is skipped.
@@ -176,8 +177,9 @@ def coarse_loss(pred: dict, batch: dict, geometry: LossGeometry, config: CoarseN
     """
     w = {**DEFAULT_WEIGHTS, **DEFAULT_OPTIONS, **(weights or {})}
     terms: dict[str, torch.Tensor] = {}
+    expression = pred.get("expression_linear", pred["expression"])
     if w["expression"]:
-        terms["expression"] = expression_loss(pred["expression"], batch["expression"], w["expression_loss"])
+        terms["expression"] = expression_loss(expression, batch["expression"], w["expression_loss"])
     if w["identity"]:
         terms["identity"] = identity_loss(pred["identity"], batch["identity"])
     if w["rotation"]:
@@ -187,7 +189,7 @@ def coarse_loss(pred: dict, batch: dict, geometry: LossGeometry, config: CoarseN
                                               batch["rotation"], batch["K_crop"], config)
     if w["vertex"] or w["landmark"]:
         n_id = pred["identity"].shape[1]
-        v_pred, lm_pred = geometry.camera_points(pred["identity"], pred["expression"], pred["rotation"],
+        v_pred, lm_pred = geometry.camera_points(pred["identity"], expression, pred["rotation"],
                                                  pred["translation"])
         with torch.no_grad():
             v_true, _ = geometry.camera_points(batch["identity"][:, :n_id], batch["expression"],

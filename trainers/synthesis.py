@@ -49,6 +49,10 @@ Sample fields (one sample; shards stack them along a new first axis):
     occluders        () uint8          bit flags OCCLUDER_BITS
     source           () uint8          SOURCE_SYNTHETIC (0); SOURCE_REAL (1) for trainers.inverse_render's
                                        re-rendered real faces (their albedo_seed is -1)
+    tracked_landmarks (478, 2) float32 MediaPipe's landmarks found on the image itself, crop px (zeros
+                                       when it found no face): what CoarseNet reads at run time
+    tracked          () bool           whether MediaPipe found the face (SyntheticFaces(track=True) and the
+                                       CLI add these two; --add-tracking adds them to existing shards)
 
 CLI: python -m trainers.synthesis --count N --out DIR [--workers 2]
     writes DIR/shard-00000.npz ... (write_shard / read_shard) and DIR/sheet.png.
@@ -1361,6 +1365,27 @@ def _camera_effects(rng, cfg: SynthesisConfig, img: np.ndarray, frame_px_per_cro
 # ----------------------------------------------------------------------------- dataset, shards, CLI
 
 
+def track_crop(landmarker, image: np.ndarray, upscale: int = 2) -> np.ndarray | None:
+    """MediaPipe's 478 landmarks (478, 2) in crop px on a crop (S, S, 3) uint8, or None.
+
+    The crop is enlarged `upscale` times first (MediaPipe's landmark model reads 192 px): a
+    128 px crop is what the run time sees, while the tracker there works on the full frame."""
+    S = image.shape[0]
+    big = cv2.resize(image, (S * upscale, S * upscale), interpolation=cv2.INTER_LINEAR)
+    lm = landmarker.detect(big)
+    if lm is None:
+        return None
+    return ((lm[:, :2] + 0.5) / upscale - 0.5).astype(np.float32)
+
+
+def add_tracking(sample: dict, landmarker) -> dict:
+    """The sample with tracked_landmarks / tracked (module docstring) from `track_crop`."""
+    lm = track_crop(landmarker, sample["image"])
+    sample["tracked"] = np.bool_(lm is not None)
+    sample["tracked_landmarks"] = lm if lm is not None else np.zeros((len(sample["landmarks"]), 2), np.float32)
+    return sample
+
+
 @dataclass
 class SyntheticFaces:
     """Dataset-like: sample i is synthesize(default_rng([seed, i]), ...), so it is reproducible
@@ -1373,12 +1398,14 @@ class SyntheticFaces:
     real_backgrounds: bool = True
     model: FaceModel | None = None
     correspondence: LandmarkCorrespondence | None = None
+    track: bool = False     # run MediaPipe on each image (add_tracking): ~8 ms a sample
 
     def __post_init__(self):
         self.model = self.model or FaceModel.load()
         self.correspondence = self.correspondence or LandmarkCorrespondence.load()
         self.assets = SynthesisAssets.build(self.model, self.correspondence)
         self._bank = None
+        self._landmarker = None
 
     def __len__(self):
         return self.length
@@ -1392,8 +1419,15 @@ class SyntheticFaces:
         if not 0 <= i < self.length:
             raise IndexError(i)
         rng = np.random.default_rng([self.seed, int(i)])
-        return synthesize(rng, self.model, self.correspondence, self.out_px, self.config, self.backgrounds(),
-                          assets=self.assets)
+        sample = synthesize(rng, self.model, self.correspondence, self.out_px, self.config, self.backgrounds(),
+                            assets=self.assets)
+        if self.track:
+            if self._landmarker is None:
+                from engine.landmarks import MediaPipeLandmarker
+
+                self._landmarker = MediaPipeLandmarker(static=True)
+            add_tracking(sample, self._landmarker)
+        return sample
 
 
 def stack_samples(samples: list[dict]) -> dict:
@@ -1443,12 +1477,36 @@ def contact_sheet(images: list[np.ndarray], columns: int = 8, captions: list[str
     return sheet
 
 
+def add_tracking_to_shards(directory: str | Path) -> None:
+    """Rewrite every shard-*.npz in directory with tracked_landmarks / tracked (add_tracking)."""
+    from tqdm import tqdm
+
+    from engine.landmarks import MediaPipeLandmarker
+
+    paths = sorted(Path(directory).glob("shard-*.npz"))
+    if not paths:
+        raise FileNotFoundError(f"no shard-*.npz in {directory}")
+    with MediaPipeLandmarker(static=True) as landmarker:
+        for path in tqdm(paths, desc="tracking", unit="shard"):
+            shard = read_shard(path)
+            found, points = [], []
+            for image, truth in zip(shard["image"], shard["landmarks"]):
+                lm = track_crop(landmarker, image)
+                found.append(lm is not None)
+                points.append(lm if lm is not None else np.zeros_like(truth))
+            shard["tracked"], shard["tracked_landmarks"] = np.array(found), np.stack(points).astype(np.float32)
+            tmp = path.with_name(path.stem + ".tmp.npz")
+            np.savez_compressed(tmp, **shard)
+            tmp.replace(path)
+
+
 _WORKER: dict = {}
 
 
-def _worker_init(seed: int, out_px: int, real_backgrounds: bool, length: int) -> None:
+def _worker_init(seed: int, out_px: int, real_backgrounds: bool, length: int, track: bool = True) -> None:
     cv2.setNumThreads(1)
-    _WORKER["ds"] = SyntheticFaces(length, seed=seed, out_px=out_px, real_backgrounds=real_backgrounds)
+    _WORKER["ds"] = SyntheticFaces(length, seed=seed, out_px=out_px, real_backgrounds=real_backgrounds,
+                                   track=track)
     _WORKER["ds"].backgrounds()
 
 
@@ -1460,8 +1518,8 @@ def _worker_sample(i: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, required=True, help="number of samples")
-    ap.add_argument("--out", type=Path, required=True, help="output folder for shard-XXXXX.npz and sheet.png")
+    ap.add_argument("--count", type=int, help="number of samples")
+    ap.add_argument("--out", type=Path, help="output folder for shard-XXXXX.npz and sheet.png")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start", type=int, default=0, help="first sample index (to extend a set; a multiple of "
                     "--shard-size)")
@@ -1470,7 +1528,15 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes, one CPU thread each")
     ap.add_argument("--no-real-backgrounds", action="store_true", help="procedural backgrounds only")
     ap.add_argument("--sheet", type=int, default=32, help="samples on the contact sheet (0: none)")
+    ap.add_argument("--no-track", action="store_true", help="skip MediaPipe on the images (no tracked_landmarks)")
+    ap.add_argument("--add-tracking", type=Path, metavar="DIR",
+                    help="instead: add tracked_landmarks / tracked to the shards already in DIR")
     args = ap.parse_args(argv)
+    if args.add_tracking:
+        add_tracking_to_shards(args.add_tracking)
+        return 0
+    if args.count is None or args.out is None:
+        ap.error("--count and --out are required (or --add-tracking DIR)")
     if args.start % args.shard_size:
         ap.error("--start must be a multiple of --shard-size (shards are numbered start // shard_size on)")
     import multiprocessing as mp
@@ -1483,7 +1549,7 @@ def main(argv=None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     ctx = mp.get_context("spawn")
-    init = (args.seed, args.out_px, not args.no_real_backgrounds, args.start + args.count)
+    init = (args.seed, args.out_px, not args.no_real_backgrounds, args.start + args.count, not args.no_track)
     cpu_s = 0.0
     t0 = time.perf_counter()
     with ctx.Pool(max(args.workers, 1), initializer=_worker_init, initargs=init) as pool:

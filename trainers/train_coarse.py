@@ -14,6 +14,15 @@ training seed), read from `val_data` shards or synthesized once and cached in RU
 every `val_every` steps it prints the face-region vertex error (mm, all 9409 FACE vertices,
 camera space), the expression MAE and the rotation error (deg).
 
+Real frames (optional, config [real], off unless real.dir is set): pairs of consecutive real
+video frames (`python -m trainers.real_frames --out DIR`: DIR/train and DIR/heldout) are added
+to every step: `real.batch_size` pairs go through the same forward pass as the synthetic batch
+and seed 002's self-supervised terms (trainers.selfsup: landmarks, photometric, E_flow, E_same,
+priors), weighted by the [real] weights, are added to the synthetic supervised loss (which keeps
+running unless real.synthetic = false). Pair batches are a pure function of the step too, so
+resume stays exact. The terms are logged as real_<term>; held-out pairs (DIR/heldout, videos
+never trained on) are scored by `evaluate_real` at every validation (records "val_real").
+
 Outputs in RUN_DIR: checkpoint.pt (every `checkpoint_every` steps, written atomically),
 metrics.jsonl (train terms every `log_every` steps, validation records), and at the end
 coarsenet.pt (engine.coarsenet.save_weights) and coarsenet.onnx (engine.runtime.export_onnx).
@@ -34,15 +43,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.coarsenet import CoarseNet, CoarseNetConfig, decode, preprocess, save_weights
+from engine.coarsenet import CoarseNet, CoarseNetConfig, decode, normalise_landmarks, preprocess, save_weights
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FACE_VERTICES, FaceModel
 from trainers.losses import (DEFAULT_OPTIONS, DEFAULT_WEIGHTS, EXPRESSION_LOSSES, LossGeometry, coarse_loss,
                              rotation_angle)
+from trainers.selfsup import DEFAULT_REAL_WEIGHTS, pair_tensors, selfsup_loss
 
 #: The sample fields training reads (the rest of a shard is left on disk).
 FIELDS = ("image", "identity", "expression", "rotation", "translation_cm", "K_crop", "landmarks",
           "landmark_visible", "sh", "skin_rgb")
+#: Fields read when a shard has them: MediaPipe's landmarks on the sample's own crop (what the net
+#: reads at run time) and whether MediaPipe found the face (trainers.synthesis.track_crop).
+OPTIONAL_FIELDS = ("tracked_landmarks", "tracked")
 
 DEFAULT_CONFIG: dict = {
     "model": {},                       # CoarseNetConfig fields (input_size, width, last_channels, ...)
@@ -51,15 +64,26 @@ DEFAULT_CONFIG: dict = {
         "schedule": "cosine",          # "cosine" (to min_lr_ratio · lr) or "step" (× 0.1 at step_at fractions)
         "min_lr_ratio": 0.01, "step_at": [0.6, 0.85], "grad_clip": 5.0, "seed": 0,
         "noise_std": 0.02,             # Gaussian pixel noise augmentation, normalised units ([-1, 1] range)
+        "landmark_noise_px": 1.0,      # Gaussian noise on the true landmarks fed where none were tracked
         "threads": 2, "log_every": 20, "val_every": 500, "checkpoint_every": 500,
+        "init": None,                  # a coarsenet.pt to start from (fine-tuning stage); None: random
     },
     "data": {
-        "dir": None,                   # shards of trainers.synthesis; None: synthesize on the fly
+        "dir": None,                   # shards of trainers.synthesis (a folder or a list); None: on the fly
         "workers": 2, "seed": 0,       # on-the-fly synthesis seed (SyntheticFaces seed)
         "real_backgrounds": True,
         "val_dir": None, "val_count": 256, "val_seed": 1, "val_batch": 64,
     },
     "loss": dict(DEFAULT_WEIGHTS, **DEFAULT_OPTIONS),   # term weights + options (expression_loss)
+    "real": {                          # self-supervised real-frame pairs (trainers.real_frames, trainers.selfsup)
+        "dir": None,                   # pair folder with train/ and heldout/ (or shards directly); None: off
+        "batch_size": 4,               # pairs per step (2 frames each), alongside the synthetic batch
+        "synthetic": True,             # keep the synthetic supervised loss running (mixed batches)
+        "render_px": 64,               # photometric render and flow visibility resolution, px
+        "val_count": 256,              # held-out pairs scored by evaluate_real at each validation (0: none)
+        "seed": 0,                     # pair batch permutation seed
+        **DEFAULT_REAL_WEIGHTS,        # term weights (0 = off): landmark, photo, flow, same, prior
+    },
 }
 
 
@@ -88,6 +112,9 @@ def load_config(config: str | Path | dict | None) -> dict:
         raise ValueError(f"unknown loss terms in config: {sorted(unknown)}")
     if cfg["loss"]["expression_loss"] not in EXPRESSION_LOSSES:
         raise ValueError(f"unknown expression_loss {cfg['loss']['expression_loss']!r} (one of {EXPRESSION_LOSSES})")
+    unknown = set(cfg["real"]) - set(DEFAULT_CONFIG["real"])
+    if unknown:
+        raise ValueError(f"unknown [real] keys in config: {sorted(unknown)}")
     return cfg
 
 
@@ -98,11 +125,18 @@ def net_config(cfg: dict) -> CoarseNetConfig:
 # ---------------------------------------------------------------- data
 
 
-def load_shards(directory: str | Path, fields=FIELDS, limit: int | None = None) -> dict[str, np.ndarray]:
-    """All shard-*.npz of a trainers.synthesis folder -> dict of (N, ...) arrays (only `fields`)."""
-    paths = sorted(Path(directory).glob("shard-*.npz"))
+def load_shards(directory: str | Path | list, fields=FIELDS, limit: int | None = None,
+                optional=OPTIONAL_FIELDS) -> dict[str, np.ndarray]:
+    """All shard-*.npz of a trainers.synthesis folder (or a list of folders, in order) -> dict of
+    (N, ...) arrays (only `fields`, plus those of `optional` that every shard has)."""
+    folders = [directory] if isinstance(directory, (str, Path)) else list(directory)
+    paths = [p for folder in folders for p in sorted(Path(folder).glob("shard-*.npz"))]
     if not paths:
         raise FileNotFoundError(f"no shard-*.npz in {directory} (write them with python -m trainers.synthesis)")
+    for p in paths:
+        with np.load(p) as d:
+            optional = tuple(k for k in optional if k in d.files)
+    fields = tuple(fields) + optional
     parts: dict[str, list] = {k: [] for k in fields}
     n = 0
     for p in paths:
@@ -175,6 +209,18 @@ def synthesize_arrays(count: int, seed: int, out_px: int, real_backgrounds: bool
     return {f: np.stack([np.asarray(s[f]) for s in samples]) for f in FIELDS}
 
 
+def input_landmarks(batch: dict[str, torch.Tensor], input_size: int, noise_px: float = 0.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 478, 2) normalised landmarks the net reads: MediaPipe's on the crop where it found the
+    face (the run-time input), else the true ones plus `noise_px` Gaussian noise (crop px)."""
+    lm = batch["landmarks"]
+    if noise_px > 0:
+        lm = lm + noise_px * torch.randn(lm.shape, generator=generator, dtype=lm.dtype)
+    if "tracked_landmarks" in batch:
+        lm = torch.where(batch["tracked"].reshape(-1, 1, 1), batch["tracked_landmarks"], lm)
+    return normalise_landmarks(lm, input_size)
+
+
 def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """numpy batch -> torch: float32 labels, bool visibility, the image as the net's input (B, 3, S, S)."""
     out = {}
@@ -182,10 +228,95 @@ def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         t = torch.from_numpy(np.ascontiguousarray(v))
         if k == "image":
             out[k] = preprocess(t)
-        elif k == "landmark_visible":
+        elif k in ("landmark_visible", "tracked"):
             out[k] = t.bool()
         else:
             out[k] = t.float()
+    return out
+
+
+class PairBatches:
+    """Real pair batch of step s (trainers.real_frames fields): epoch e = s // per_epoch uses
+    permutation((seed, e, 1)), a stream of its own beside the synthetic batches'."""
+
+    def __init__(self, pairs: dict[str, np.ndarray], batch_size: int, seed: int):
+        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
+        self.n = len(pairs["crops"])
+        if self.n < batch_size:
+            raise ValueError(f"{self.n} real pairs cannot fill a batch of {batch_size}")
+        self.per_epoch = self.n // batch_size
+        self._perm = (None, None)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        epoch, k = divmod(step, self.per_epoch)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch, 1]).permutation(self.n))
+        idx = np.sort(self._perm[1][k * self.batch_size:(k + 1) * self.batch_size])
+        return {f: a[idx] for f, a in self.pairs.items()}
+
+
+def load_real_pairs(directory: str | Path, split: str, limit: int | None = None) -> dict[str, np.ndarray] | None:
+    """The pairs of DIR/split (trainers.real_frames), or of DIR itself for split "train" when it holds
+    shards directly; None when there are none. Pair groups (E_same) come from the video names."""
+    from trainers.real_frames import load_pairs, video_groups
+
+    d = Path(directory)
+    folder = d / split if (d / split).is_dir() else (d if split == "train" else None)
+    if folder is None or not any(folder.glob("shard-*.npz")):
+        return None
+    pairs = load_pairs(folder, limit)
+    pairs["group"] = video_groups(pairs["video"])
+    return pairs
+
+
+@torch.no_grad()
+def evaluate_real(net: CoarseNet, pairs: dict[str, np.ndarray], geometry=None, batch: int = 32,
+                  render_px: int = 64) -> dict[str, float]:
+    """Agreement with real frames the net never saw labels for (held-out pairs, trainers.real_frames):
+    landmark_px, the mean crop-px distance between the projected model landmarks and MediaPipe's
+    (the 468 non-iris points, both frames of each pair), landmark_iod, the same per frame divided by
+    MediaPipe's inter-ocular distance (outer eye corners 33 and 263), flow_px, the mean distance between
+    the predicted vertex motion a -> b and the optical flow over the visible flow vertices, and
+    flow_zero_px, that residual for a prediction that does not move (the flow's own size, for scale).
+    geometry: a trainers.selfsup.SelfSupGeometry (built from the default model when None). Eval mode."""
+    from trainers.selfsup import SelfSupGeometry, flow_visibility, pair_tensors, sample_flow
+    from trainers.losses import project_points
+
+    if geometry is None:
+        geometry = SelfSupGeometry(FaceModel.load(), LandmarkCorrespondence.load())
+    was = net.training
+    net.eval()
+    S = net.config.input_size
+    keep = torch.ones(geometry.landmark_weight.shape[0], dtype=torch.bool)
+    keep[geometry.landmark_weight == 0] = False                        # the iris points
+    sums = {"landmark_px": 0.0, "landmark_iod": 0.0, "flow_px": 0.0, "flow_zero_px": 0.0}
+    n_frames = n_pairs = 0
+    P = len(pairs["crops"])
+    for i in range(0, P, batch):
+        b = pair_tensors({k: v[i:i + batch] for k, v in pairs.items()})
+        params = net(b["image"], normalise_landmarks(b["landmarks"], S))
+        pred = decode(params, b["K_crop"], net.config)
+        verts, points = geometry.camera_points(pred["identity"], pred["expression"], pred["rotation"],
+                                               pred["translation"])
+        d = (project_points(points, b["K_crop"]) - b["landmarks"]).norm(dim=-1)[:, keep].mean(-1)   # (2B,)
+        iod = (b["landmarks"][:, 33] - b["landmarks"][:, 263]).norm(dim=-1).clamp_min(1.0)
+        sums["landmark_px"] += d.sum().item()
+        sums["landmark_iod"] += (d / iod).sum().item()
+        n_frames += len(d)
+        idx = geometry.flow_index
+        va, vb = verts[0::2][:, idx], verts[1::2][:, idx]
+        vis = flow_visibility(verts[0::2], geometry.triangles, b["K_pair"], S, idx, raster_px=render_px)
+        pa = project_points(va, b["K_pair"])
+        flow = sample_flow(b["flow"], pa)
+        w = vis.float()
+        cnt = w.sum(-1).clamp_min(1.0)
+        residual = ((project_points(vb, b["K_pair"]) - pa) - flow).norm(dim=-1)
+        sums["flow_px"] += ((residual * w).sum(-1) / cnt).sum().item()
+        sums["flow_zero_px"] += ((flow.norm(dim=-1) * w).sum(-1) / cnt).sum().item()
+        n_pairs += len(va)
+    net.train(was)
+    out = {k: v / max(n_frames if k.startswith("landmark") else n_pairs, 1) for k, v in sums.items()}
+    out["pairs"] = P
     return out
 
 
@@ -240,7 +371,7 @@ def evaluate(net: CoarseNet, val: dict[str, np.ndarray], model_arrays: dict, bat
     sums = {"vertex_mm": 0.0, "expression_mae": 0.0, "rotation_deg": 0.0}
     for i in range(0, n, batch):
         b = to_tensors({k: v[i:i + batch] for k, v in val.items()})
-        pred = decode(net(b["image"]), b["K_crop"], net.config)
+        pred = decode(net(b["image"], input_landmarks(b, net.config.input_size)), b["K_crop"], net.config)
         k = pred["identity"].shape[1]
 
         def cam(identity, expression, R, t):
@@ -287,6 +418,13 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
     np.random.seed(seed)
     random.seed(seed)
     net = CoarseNet(ncfg)
+    if tc["init"] and not resume:
+        from engine.coarsenet import load_weights
+
+        start = load_weights(tc["init"])
+        if start.config != ncfg:
+            raise ValueError(f"init weights {tc['init']} have another architecture than [model] asks for")
+        net.load_state_dict(start.state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
     step = 0
@@ -309,7 +447,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
             val = load_shards(dc["val_dir"], limit=int(dc["val_count"]))
         elif cache.is_file():
             with np.load(cache) as d:
-                val = {k: d[k] for k in FIELDS}
+                val = {k: d[k] for k in FIELDS + OPTIONAL_FIELDS if k in d.files}
         else:
             if int(dc["val_seed"]) == int(dc["seed"]) and not dc["dir"]:
                 raise ValueError("val_seed must differ from the training seed")
@@ -318,7 +456,25 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
 
     total = int(tc["steps"])
     B = int(tc["batch_size"])
-    if dc["dir"]:
+    rc = cfg["real"]
+    real_source = real_val = selfsup_geometry = None
+    real_weights = {k: float(rc[k]) for k in DEFAULT_REAL_WEIGHTS}
+    if rc["dir"]:
+        from trainers.selfsup import SelfSupGeometry
+
+        real_pairs = load_real_pairs(rc["dir"], "train")
+        if real_pairs is None:
+            raise FileNotFoundError(f"real.dir: no pairs in {rc['dir']} (python -m trainers.real_frames --out DIR)")
+        if real_pairs["crops"].shape[2] != S:
+            raise ValueError(f"real pairs are {real_pairs['crops'].shape[2]} px crops; the net reads {S} px "
+                             "(build them with python -m trainers.real_frames --out-px)")
+        real_source = PairBatches(real_pairs, int(rc["batch_size"]), int(rc["seed"]))
+        if int(rc["val_count"]):
+            real_val = load_real_pairs(rc["dir"], "heldout", int(rc["val_count"]))
+        selfsup_geometry = SelfSupGeometry(face_model, correspondence, n_identity=ncfg.n_identity)
+    if rc["dir"] and not rc["synthetic"]:
+        batches = (None for _ in range(step, total))     # real pairs only: no synthetic data is read
+    elif dc["dir"]:
         source = ShardBatches(load_shards(dc["dir"]), B, seed)
         batches = (source(s) for s in range(step, total))
     else:
@@ -332,6 +488,13 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
         metrics.flush()
 
     def validate(at: int) -> dict | None:
+        if real_val is not None:
+            real_figures = evaluate_real(net, real_val, selfsup_geometry, int(dc["val_batch"]), int(rc["render_px"]))
+            log({"step": at, "val_real": real_figures})
+            (tqdm.write if progress else print)(
+                f"step {at}: held-out real landmarks {real_figures['landmark_px']:.2f} px "
+                f"({100 * real_figures['landmark_iod']:.2f}% IOD), flow residual {real_figures['flow_px']:.2f} px "
+                f"(no motion: {real_figures['flow_zero_px']:.2f} px)")
         if val is None:
             return None
         figures = evaluate(net, val, val_arrays, int(dc["val_batch"]))
@@ -351,12 +514,34 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
     noise = float(tc["noise_std"])
     try:
         for batch in batches:
-            b = to_tensors(batch)
-            x = b["image"]
-            if noise > 0:
-                x = x + noise * torch.randn_like(x)
-            pred = decode(net(x), b["K_crop"], ncfg)
-            loss, terms = coarse_loss(pred, b, geometry, ncfg, cfg["loss"])
+            loss, terms = 0.0, {}
+            xs, lms = [], []
+            if batch is not None:
+                b = to_tensors(batch)
+                x = b["image"]
+                if noise > 0:
+                    x = x + noise * torch.randn_like(x)
+                xs.append(x)
+                lms.append(input_landmarks(b, S, float(tc["landmark_noise_px"])))
+            if real_source is not None:
+                rb = pair_tensors(real_source(step))
+                xr = rb["image"]
+                if noise > 0:
+                    xr = xr + noise * torch.randn_like(xr)
+                xs.append(xr)
+                lms.append(normalise_landmarks(rb["landmarks"], S))
+            # one forward pass over synthetic and real crops: BatchNorm sees the mixture
+            params = net(torch.cat(xs), torch.cat(lms)) if len(xs) > 1 else net(xs[0], lms[0])
+            n_syn = len(xs[0]) if batch is not None else 0
+            if batch is not None:
+                pred = decode(params[:n_syn], b["K_crop"], ncfg)
+                loss, terms = coarse_loss(pred, b, geometry, ncfg, cfg["loss"])
+            if real_source is not None:
+                pred_real = decode(params[n_syn:], rb["K_crop"], ncfg)
+                real_loss, real_terms = selfsup_loss(pred_real, rb, selfsup_geometry, real_weights,
+                                                     int(rc["render_px"]))
+                loss = loss + real_loss
+                terms.update({f"real_{k}": v for k, v in real_terms.items()})
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc["grad_clip"]:
