@@ -73,6 +73,12 @@ def _common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("--focal-px", type=float, default=None,
                    help="camera focal length in pixels (default: the larger image side, about 53° across)")
     p.add_argument("--face-model", type=Path, default=None, help="face model .npz")
+    p.add_argument("--engine", choices=("coarse", "fit"), default="coarse",
+                   help="coarse (default): CoarseNet reads the face crop, one network pass per frame; "
+                   "fit: the landmark optimiser, which follows MediaPipe's landmarks closely")
+    p.add_argument("--coarse-weights", type=Path, default=None, metavar="PATH",
+                   help="CoarseNet weights for --engine coarse: .onnx (ONNX Runtime) or .pt (torch) "
+                   "(default: engine/weights/coarsenet.onnx, shipped with capture)")
     p.add_argument("--no-filter", action="store_true",
                    help="write raw per-frame fits (no One-Euro temporal filtering)")
     p.add_argument("--no-small-faces", action="store_true",
@@ -165,7 +171,10 @@ def _load_capture(args, static: bool):
     from engine.correspondence import LandmarkCorrespondence
     from engine.facemodel import FaceModel
 
-    settings = CaptureSettings(focal_px=args.focal_px, filtering=not args.no_filter,
+    weights = args.coarse_weights
+    runtime = "torch" if weights is not None and weights.suffix == ".pt" else "onnx"
+    settings = CaptureSettings(engine=args.engine, coarse_weights=weights, coarse_runtime=runtime,
+                               focal_px=args.focal_px, filtering=not args.no_filter,
                                small_faces=not args.no_small_faces, static=static)
     return FaceCapture(FaceModel.load(args.face_model), LandmarkCorrespondence.load(), settings)
 
@@ -386,6 +395,7 @@ def main(argv=None) -> int:
     from capture.preview import PreviewError
     from engine.model_import import ModelImportError
     from capture.streams import StreamError
+    from engine.coarse_fitting import CoarseWeightsError
 
     handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live, "stream": cmd_stream,
                 "export": cmd_export, "train": cmd_train}
@@ -394,7 +404,7 @@ def main(argv=None) -> int:
         with NativeStderrFilter():
             return handler(args)
     except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, StreamError,
-            FileNotFoundError,
+            CoarseWeightsError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"capture: error: {message}", file=sys.stderr)

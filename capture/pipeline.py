@@ -1,5 +1,9 @@
 """The per-frame pipeline: landmarks -> fit -> gaze -> filtering -> outputs.
 
+The fit is CoarseNet's one pass on the face crop (engine.coarse_fitting, the
+default) or the landmark optimiser (engine.fitting); everything around it is
+the same for both, so a take has the same files and arrays whichever ran.
+
 `FaceCapture` turns one picture into a `FrameResult`; `run_take` drives a
 whole source through it into the files animators use (blendshapes.csv,
 meshes/, track.npz), with a reader thread, a progress bar and per-stage timings.
@@ -17,6 +21,7 @@ from capture.sources import FrameReader, FrameSource
 from capture.streams import StreamHub, stream_frame
 from capture.tracking import FaceTracker
 from engine.arkit import arkit_from_model
+from engine.coarse_fitting import CoarseFitter, open_runtime
 from engine.contour import Landmarks68
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points
@@ -27,19 +32,28 @@ from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, eye_look_weight
 from engine.pose import (FRONTAL, default_camera_matrix, head_rotation, project, rodrigues, rotation_to_axis_angle,
                          yaw_pitch_roll)
 
-STAGES = ("decode", "landmarks", "fit", "filter", "stream", "write")
+STAGES = ("decode", "landmarks", "fit", "filter", "stream", "write")  # "fit": whichever engine runs
+ENGINES = ("coarse", "fit")
 
 
 @dataclass
 class CaptureSettings:
-    """What a user may tune. focal_px None: max(width, height) (about 53° across)."""
+    """What a user may tune. focal_px None: max(width, height) (about 53° across).
 
+    engine: "coarse" (CoarseNet, one network pass per frame) or "fit" (the landmark
+    optimiser of engine.fitting). coarse_weights None: the file shipped in
+    engine/weights/ for coarse_runtime ("onnx": ONNX Runtime; "torch").
+    """
+
+    engine: str = "coarse"
+    coarse_weights: Path | None = None
+    coarse_runtime: str = "onnx"
     focal_px: float | None = None
     filtering: bool = True
     small_faces: bool = True
     static: bool = False            # photos: every picture fitted on its own
     identity_frames: int = 40       # frames with a face before a take's identity locks
-    photo_passes: int = 4           # fit passes over one photo (identity and expression alternate)
+    photo_passes: int = 4           # fit passes over one photo (identity and expression alternate; fit engine)
     photo_identity_prior: float = 0.5
     expression_cutoff_hz: float = 1.5
     expression_beta: float = 2.0
@@ -83,6 +97,11 @@ class FaceCapture:
                  settings: CaptureSettings | None = None):
         self.model = model
         self.settings = settings or CaptureSettings()
+        if self.settings.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.settings.engine!r} (choose from {', '.join(ENGINES)})")
+        self._runtime = None  # bad weights fail here, before the tracker loads
+        if self.settings.engine == "coarse":  # one runtime for the whole take (photos get a fitter each)
+            self._runtime = open_runtime(self.settings.coarse_runtime, self.settings.coarse_weights)
         # iris landmarks take no part in the lid/face fit: the eyeballs are rigid in the model
         self.basis = LandmarkBasis.from_correspondence(model, correspondence, exclude=IRIS_LANDMARKS)
         self.landmarks68 = Landmarks68(model, self.basis.identity.shape[0])
@@ -104,7 +123,10 @@ class FaceCapture:
         self.reset()
 
     def _warm_up(self) -> None:
-        """Load the fitter's compiled kernels now, not on a live take's first frame."""
+        """Load the engine now (compiled kernels, the network's first pass), not on a live take's first frame."""
+        if self._runtime is not None:
+            CoarseFitter(self.basis, self._runtime).warm_up()
+            return
         K = default_camera_matrix(640, 480)
         R, t = FRONTAL, np.array([0.0, 0.0, 60.0])
         identity = np.zeros(self.basis.identity.shape[0])
@@ -124,6 +146,9 @@ class FaceCapture:
 
     def _new_fitter(self) -> None:
         s = self.settings
+        if self._runtime is not None:  # a photo's identity is its own network output
+            self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames)
+            return
         if s.static:  # one photo's passes see the same landmarks: its prior must not weaken with them
             fit = FitSettings(identity_frames=s.photo_passes, identity_prior_joint=s.photo_identity_prior)
         else:
@@ -171,9 +196,10 @@ class FaceCapture:
             gaze["angles"] = gaze_angles(self.eyes, landmarks, R, t, K) * visible
             return {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
 
-        passes = self.settings.photo_passes if self.settings.static else 1
-        for _ in range(passes):  # on a photo, identity and expression alternate over the passes
-            fit = self.fitter.fit(landmarks, K, pin=pin)
+        # on a photo, the optimiser alternates identity and expression over the passes; the network needs one
+        passes = self.settings.photo_passes if self.settings.static and self._runtime is None else 1
+        for _ in range(passes):
+            fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
         if not np.array_equal(fit.identity, self._eyes_identity):
             self._update_eyes(fit.identity)
         t2 = time.perf_counter()

@@ -331,11 +331,13 @@ class TakeFitter:
         """The face was lost: the next fit starts from scratch (identity is kept)."""
         self._previous = None
 
-    def fit(self, landmarks_px: np.ndarray, K: np.ndarray, pin=None) -> FitResult:
+    def fit(self, landmarks_px: np.ndarray, K: np.ndarray, pin=None, image=None) -> FitResult:
         """Fit one frame's (N, 2) landmarks with camera matrix K.
 
         pin: optional callable (R, t) -> {expression index: value}, called once the
         head pose is known, for weights measured apart from the landmark fit (gaze).
+        image: unused (landmarks are all this fit reads); accepted so that callers can
+        drive this and engine.coarse_fitting.CoarseFitter alike.
         """
         s = self.settings
         landmarks_px = np.asarray(landmarks_px, np.float64)[:, :2]

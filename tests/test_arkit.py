@@ -168,7 +168,8 @@ def pipeline(model):
     from capture.pipeline import CaptureSettings, FaceCapture
     from engine.correspondence import LandmarkCorrespondence
 
-    cap = FaceCapture(model, LandmarkCorrespondence.load(), CaptureSettings(static=True))
+    # the landmark optimiser: these renders check its conventions end to end (CoarseNet has its own tests)
+    cap = FaceCapture(model, LandmarkCorrespondence.load(), CaptureSettings(static=True, engine="fit"))
     yield cap
     cap.close()
 

@@ -121,17 +121,17 @@ def face_model() -> FaceModel:
 
 
 def test_pipeline_fits_small_face_where_it_is(d12, face_model, tmp_path):
-    """The whole pipeline on 12 small-face frames and on the same frames at full size:
-    a face on every frame, the small fit's 68 landmarks where the full fit's land after
-    the shrink and shift, and the small face fitted far away; nothing at all when small
-    faces are switched off."""
+    """The whole pipeline (the landmark optimiser, whose figures these are) on 12 small-face
+    frames and on the same frames at full size: a face on every frame, the small fit's 68
+    landmarks where the full fit's land after the shrink and shift, and the small face
+    fitted far away; nothing at all when small faces are switched off."""
     frames, _ = d12
     corr = LandmarkCorrespondence.load()
     n = 12
     small = [_paste(f, *_position(i)) for i, f in enumerate(frames[:n])]
     tracks = {}
     for name, pictures in (("full", frames[:n]), ("small", small)):
-        capture = FaceCapture(face_model, corr, CaptureSettings(filtering=False))
+        capture = FaceCapture(face_model, corr, CaptureSettings(filtering=False, engine="fit"))
         try:
             summary = run_take(_Pictures(pictures), capture, tmp_path / name, "none", progress=False)
         finally:
@@ -159,3 +159,38 @@ def test_pipeline_fits_small_face_where_it_is(d12, face_model, tmp_path):
     finally:
         capture.close()
     assert summary.frames == 5 and summary.faces == 0
+
+
+def test_both_engines_give_results_of_the_same_shapes(d12, face_model):
+    """CoarseNet (the default) and the landmark optimiser fill the same FrameResult fields with
+    arrays of the same shapes, time themselves under the same stage names, and lock identity."""
+    frames, _ = d12
+    corr = LandmarkCorrespondence.load()
+    shapes, stages = {}, {}
+    for engine in ("coarse", "fit"):
+        capture = FaceCapture(face_model, corr, CaptureSettings(engine=engine, identity_frames=2))
+        try:
+            results = [capture.process(f, i / 25.0, i) for i, f in enumerate(frames[:3])]
+            assert capture.fitter.identity_locked
+        finally:
+            capture.close()
+        assert all(r.face_found and np.isfinite(r.rms_px) for r in results)
+        np.testing.assert_array_equal(results[1].identity, results[2].identity)
+        shapes[engine] = {k: np.shape(v) for k, v in vars(results[-1]).items() if isinstance(v, np.ndarray)}
+        stages[engine] = set(results[-1].timings_s)
+        assert results[-1].timings_s["fit"] > 0
+    assert CaptureSettings().engine == "coarse"
+    assert shapes["coarse"] == shapes["fit"] and len(shapes["fit"]) == 10
+    assert stages["coarse"] == stages["fit"] == {"landmarks", "fit", "filter"}
+
+
+def test_coarse_engine_without_weights_names_the_file(face_model, tmp_path):
+    from engine.coarse_fitting import CoarseWeightsError
+
+    corr = LandmarkCorrespondence.load()
+    missing = tmp_path / "coarsenet.onnx"
+    with pytest.raises(CoarseWeightsError, match="coarsenet.onnx"):
+        FaceCapture(face_model, corr, CaptureSettings(coarse_weights=missing))
+    FaceCapture(face_model, corr, CaptureSettings(engine="fit", coarse_weights=missing)).close()  # needs none
+    with pytest.raises(ValueError, match="unknown engine"):
+        FaceCapture(face_model, corr, CaptureSettings(engine="fine"))

@@ -1,0 +1,125 @@
+"""CoarseNet as the per-frame fitter: the network's counterpart of engine.fitting.TakeFitter.
+
+One network pass per frame on the face crop (made from the tracker's landmarks
+exactly as the training data's, engine.crop; nets that also read the landmarks
+get them in crop pixels) gives the pose and expression directly; no landmark
+optimisation. Identity is shared by the take as in
+TakeFitter: the running mean of the network's per-frame identity over the first
+`identity_frames` frames with a face, then locked. The landmark RMS of the
+result is kept as a diagnostic only; the landmarks never move the fit.
+
+Weights ship in engine/weights/ (coarsenet.onnx for ONNX Runtime, coarsenet.pt
+for torch); `capture train coarse` reproduces them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine.crop import apply_affine, crop_box, crop_camera, crop_image, crop_transform
+from engine.fitting import FitResult, LandmarkBasis, landmark_rms_px
+
+if TYPE_CHECKING:  # engine.runtime loads torch (about a second): only when a runtime is opened
+    from engine.runtime import CoarseRuntime
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: The runtimes CoarseFitter can run on, and the weights file each reads by default.
+DEFAULT_WEIGHTS = {"onnx": WEIGHTS_DIR / "coarsenet.onnx", "torch": WEIGHTS_DIR / "coarsenet.pt"}
+
+
+class CoarseWeightsError(Exception):
+    """CoarseNet weights missing or unreadable; the message is one line naming the file."""
+
+
+def open_runtime(kind: str = "onnx", weights: str | Path | None = None) -> CoarseRuntime:
+    """The CoarseNet runtime `kind` ("onnx": ONNX Runtime, one thread, no spinning; "torch")
+    on `weights` (None: the file shipped in engine/weights/ for that runtime)."""
+    if kind not in DEFAULT_WEIGHTS:
+        raise ValueError(f"unknown CoarseNet runtime {kind!r} (choose from {', '.join(DEFAULT_WEIGHTS)})")
+    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS[kind]
+    if not path.is_file():
+        raise CoarseWeightsError(f"CoarseNet weights not found: {path} (capture ships them in engine/weights/; "
+                                 "`capture train coarse` reproduces them; `--engine fit` needs none)")
+    try:
+        if kind == "onnx":
+            from engine.runtime import OnnxRuntime
+
+            return OnnxRuntime(path, intra_op_threads=1, spinning=False)
+        from engine.coarsenet import load_weights
+        from engine.runtime import TorchRuntime
+
+        return TorchRuntime(load_weights(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf, zip, pickle and shape errors all mean "unreadable"
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CoarseWeightsError(f"cannot read CoarseNet weights {path} as {kind}: {why}") from exc
+
+
+class CoarseFitter:
+    """Fits every frame of one take with one CoarseNet pass; identity converges over the
+    first frames (running mean of the network's), then locks. Duck-types TakeFitter."""
+
+    def __init__(self, basis: LandmarkBasis, runtime: CoarseRuntime, identity_frames: int = 40):
+        self.basis = basis
+        self.runtime = runtime
+        self.identity_frames = max(1, int(identity_frames))
+        self.identity = np.zeros(basis.identity.shape[0])
+        self.identity_locked = False
+        self._frames_for_identity = 0
+
+    def lose_track(self) -> None:
+        """The face was lost. Nothing carries over between frames but the identity, which is kept."""
+
+    def warm_up(self) -> None:
+        """One pass on a blank crop, so the first live frame does not pay for the runtime's setup."""
+        from engine.runtime import nominal_crop_camera
+
+        S = self.runtime.input_size
+        centre = np.full((1, self._n_landmarks(), 2), (S - 1) / 2.0, np.float32)
+        self._run(np.zeros((1, S, S, 3), np.uint8), nominal_crop_camera(S)[None], centre)
+
+    def _n_landmarks(self) -> int:
+        """Landmarks the net reads beside the crop (0: the crop only; runtimes without the attribute)."""
+        return int(getattr(self.runtime, "n_landmarks", 0))
+
+    def _run(self, crops: np.ndarray, K_crop: np.ndarray, landmarks_crop_px: np.ndarray) -> dict[str, np.ndarray]:
+        if self._n_landmarks():
+            return self.runtime.run(crops, K_crop, landmarks_crop_px)
+        return self.runtime.run(crops, K_crop)
+
+    def predict(self, image: np.ndarray, landmarks_px: np.ndarray, K: np.ndarray) -> dict[str, np.ndarray]:
+        """The network's raw outputs (batch of one removed) for the face at landmarks_px in image."""
+        S = self.runtime.input_size
+        A = crop_transform(crop_box(landmarks_px), S)
+        crop = crop_image(np.ascontiguousarray(image), A, S)
+        out = self._run(crop[None], crop_camera(K, A)[None].astype(np.float32),
+                        apply_affine(A, landmarks_px)[None].astype(np.float32))
+        return {name: value[0] for name, value in out.items()}
+
+    def fit(self, landmarks_px: np.ndarray, K: np.ndarray, pin=None, image: np.ndarray | None = None) -> FitResult:
+        """Fit one frame: image (H, W, 3) uint8 RGB, its (N, 2+) landmarks px, camera matrix K.
+
+        pin: optional callable (R, t) -> {expression index: value}, called with the
+        network's pose; those weights replace the network's (gaze, as in TakeFitter).
+        """
+        if image is None:
+            raise ValueError("CoarseFitter.fit needs the image: CoarseNet reads the face crop")
+        landmarks_px = np.asarray(landmarks_px, np.float64)
+        out = self.predict(image, landmarks_px, K)
+        k, M = len(self.identity), self.basis.expression.shape[0]
+        if out["identity"].shape != (k,) or out["expression"].shape != (M,):
+            raise ValueError(f"CoarseNet gives {out['identity'].shape[0]} identity and {out['expression'].shape[0]} "
+                             f"expression weights; the face model needs {k} and {M}")
+        R = out["rotation"].astype(np.float64)
+        t = out["translation"].astype(np.float64)
+        e = np.clip(out["expression"].astype(np.float64), 0.0, 1.0)
+        if pin is not None:
+            for index, value in pin(R, t).items():
+                e[index] = value
+        if not self.identity_locked:
+            n = self._frames_for_identity = self._frames_for_identity + 1
+            self.identity = self.identity + (out["identity"].astype(np.float64) - self.identity) / n
+            self.identity_locked = n >= self.identity_frames
+        rms = landmark_rms_px(self.basis, landmarks_px[:, :2], K, R, t, e, self.identity)
+        return FitResult(R, t, e, self.identity.copy(), rms)
