@@ -46,18 +46,32 @@ def raw_fits(capture: FaceCapture, video: Path):
     return out
 
 
+def jitter_per_frame(x) -> np.ndarray:
+    """(F, C) per-frame values -> (F - 2,) mean |second difference| over C, for frames 1..F-2."""
+    x = np.asarray(x)
+    return np.abs(x[2:] - 2 * x[1:-1] + x[:-2]).mean(axis=1)
+
+
+def jitter(x) -> float:
+    """Frame-to-frame shake of a (F, C) track: the median over frames of jitter_per_frame."""
+    return float(np.median(jitter_per_frame(x)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("videos", nargs="*", type=Path, default=DEFAULT_VIDEOS)
+    ap.add_argument("--engine", choices=("coarse", "fit"), default="coarse", help="face engine (default: coarse, "
+                    "as `capture`)")
     args = ap.parse_args(argv)
     model = FaceModel.load()
     corr = LandmarkCorrespondence.load()
     W = model.arkit_mapping()
     points = model.neutral[model.landmark68_vertices].astype(np.float64)
     s = CaptureSettings()
-    print(f"{'video':<12}{'frames':>7}{'jitter raw':>12}{'filtered':>10}{'ratio':>7}{'lag median %':>14}{'lag p95 %':>11}")
+    print(f"{'video':<12}{'frames':>7}{'jitter raw':>12}{'filtered':>10}{'ratio':>7}{'lag median %':>14}"
+          f"{'lag p95 %':>11}")
     for video in args.videos:
-        capture = FaceCapture(model, corr, CaptureSettings(filtering=False))
+        capture = FaceCapture(model, corr, CaptureSettings(engine=args.engine, filtering=False))
         fits = raw_fits(capture, video)
         capture.close()
         e_filter = OneEuroFilter(s.expression_cutoff_hz, s.expression_beta)
@@ -70,10 +84,6 @@ def main(argv=None) -> int:
             a = project(points @ R.T + t, K)
             b = project(points @ (rodrigues(pose[:3]) @ FRONTAL).T + pose[3:], K)
             lag.append(np.linalg.norm(a - b, axis=1).mean() / np.linalg.norm(a[36] - a[45]) * 100)
-
-        def jitter(x):
-            x = np.asarray(x)
-            return float(np.median(np.abs(x[2:] - 2 * x[1:-1] + x[:-2]).mean(axis=1)))
 
         jr, jf = jitter(raw_bs), jitter(filt_bs)
         print(f"{video.name:<12}{len(fits):>7}{jr:>12.4f}{jf:>10.4f}{jr / jf:>7.2f}"
