@@ -2,7 +2,7 @@
 SHARED ?= ../shared
 VIDEO ?= $(SHARED)/data/videos/d12.mp4
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench weights clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,9 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/bench_pipeline.py
+
+weights:  # reproduce engine/weights/coarsenet.{pt,onnx} (about 1.5 h on 2 cores; see README)
+	bash scripts/train_coarse.sh
 
 clean:
 	rm -rf takes build

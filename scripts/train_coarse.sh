@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Reproduce engine/weights/coarsenet.{pt,onnx} from nothing but ../shared (about 1.5 h on 2 cores):
+# synthetic data (MediaPipe-tracked), real frame pairs, stage 1 (synthetic), stage 2 (+ real frames).
+# Every step skips work whose output exists, so a stopped run continues where it was.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=.venv/bin/python
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1   # workers: one thread each
+synth() {  # seed count folder
+  [ -e "runs/data/$3/done" ] || { $PY -m trainers.synthesis --seed "$1" --count "$2" --out "runs/data/$3" \
+      --workers 2 && touch "runs/data/$3/done"; }
+}
+synth 0 6000 synth0
+synth 2 6000 synth2
+synth 1 512 synth_val
+[ -e runs/data/real_pairs/done ] || { $PY -m trainers.real_frames --out runs/data/real_pairs --pairs-per-video 300 \
+    && touch runs/data/real_pairs/done; }
+unset OMP_NUM_THREADS   # training sets its own thread count (train.threads)
+stage() {  # config out
+  if [ -e "$2/coarsenet.pt" ]; then return; fi
+  if [ -e "$2/checkpoint.pt" ]; then
+    $PY -m trainers.train_coarse --config "$1" --out "$2" --resume
+  else
+    $PY -m trainers.train_coarse --config "$1" --out "$2"
+  fi
+}
+stage trainers/configs/coarse.toml runs/coarse_stage1
+stage trainers/configs/coarse_real.toml runs/coarse_stage2
+cp runs/coarse_stage2/coarsenet.pt runs/coarse_stage2/coarsenet.onnx engine/weights/
+echo "weights written to engine/weights/ (from runs/coarse_stage2)"
