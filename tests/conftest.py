@@ -10,6 +10,28 @@ def model() -> FaceModel:
     return FaceModel.load()
 
 
+def _tracked_frames(video, n_frames: int):
+    """The first n_frames of a video (RGB) and MediaPipe's 478 landmarks on each (tracking mode, px);
+    every frame must have a face."""
+    import cv2
+
+    from engine.landmarks import MediaPipeLandmarker
+
+    cap = cv2.VideoCapture(str(video))
+    frames = [cv2.cvtColor(cap.read()[1], cv2.COLOR_BGR2RGB) for _ in range(n_frames)]
+    cap.release()
+    with MediaPipeLandmarker(static=False) as mesh:
+        landmarks = [mesh.detect(f) for f in frames]
+    assert all(lm is not None for lm in landmarks)
+    return frames, landmarks
+
+
+@pytest.fixture(scope="session")
+def tracked_frames():
+    """tracked_frames(video, n_frames) -> (frames RGB, MediaPipe landmarks (478, 3) px on each)."""
+    return _tracked_frames
+
+
 @pytest.fixture
 def udp_socket():
     """A UDP socket bound to a free loopback port: a raw receiver of whole datagrams."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -17,7 +16,6 @@ from engine.coarse_fitting import DEFAULT_WEIGHTS, CoarseFitter, CoarseWeightsEr
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import DEFAULT_FACE_MODEL
 from engine.fitting import LandmarkBasis, landmark_rms_px
-from engine.landmarks import MediaPipeLandmarker
 from engine.pose import default_camera_matrix
 from engine.runtime import AGREEMENT_TOLERANCE, OnnxRuntime, TorchRuntime, export_onnx
 
@@ -30,14 +28,9 @@ MP_OUTER_EYE_CORNERS = (33, 263)
 
 
 @pytest.fixture(scope="module")
-def d3() -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+def d3(tracked_frames) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """The first frames (RGB), MediaPipe's 478 landmarks on them (px) and the default K."""
-    cap = cv2.VideoCapture(str(D3))
-    frames = [cv2.cvtColor(cap.read()[1], cv2.COLOR_BGR2RGB) for _ in range(N_FRAMES)]
-    cap.release()
-    with MediaPipeLandmarker(static=False) as mesh:
-        landmarks = [mesh.detect(f) for f in frames]
-    assert all(lm is not None for lm in landmarks)
+    frames, landmarks = tracked_frames(D3, N_FRAMES)
     h, w = frames[0].shape[:2]
     return frames, landmarks, default_camera_matrix(w, h)
 

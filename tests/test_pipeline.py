@@ -20,7 +20,6 @@ from capture.sources import Frame, FrameSource
 from capture.tracking import FaceTracker
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import DEFAULT_FACE_MODEL, FaceModel
-from engine.landmarks import MediaPipeLandmarker
 
 D12 = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / "d12.mp4"
 pytestmark = pytest.mark.skipif(not (D12.is_file() and DEFAULT_FACE_MODEL.is_file()),
@@ -45,15 +44,9 @@ def _position(i: int) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def d12() -> tuple[list[np.ndarray], list[np.ndarray]]:
+def d12(tracked_frames) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The first frames (RGB) and MediaPipe's landmarks on them at full size."""
-    cap = cv2.VideoCapture(str(D12))
-    frames = [cv2.cvtColor(cap.read()[1], cv2.COLOR_BGR2RGB) for _ in range(N_FRAMES)]
-    cap.release()
-    with MediaPipeLandmarker(static=False) as mesh:
-        reference = [mesh.detect(f) for f in frames]
-    assert all(r is not None for r in reference)
-    return frames, reference
+    return tracked_frames(D12, N_FRAMES)
 
 
 def _error_rel_iod(found: np.ndarray, reference: np.ndarray, x: int, y: int) -> float:
