@@ -7,11 +7,16 @@ about a millisecond on one CPU core in ONNX Runtime (bench/bench_coarsenet.py).
 
 Input: (B, 3, S, S) float32 RGB, S = config.input_size (128), normalised as
 ``rgb_uint8 / 127.5 - 1`` (so in [-1, 1]); `preprocess` does it from (B, S, S, 3) uint8.
+And, with config.n_landmarks = 478 (the default), the tracker's landmarks in the crop,
+(B, 478, 2) normalised like crop_xy (`normalise_landmarks`): trained from scratch on
+two CPU cores, the crop alone learns pose and expression far more slowly.
 
 Backbone: MobileNetV2-style inverted residual blocks (1x1 expand, 3x3 depthwise,
 1x1 linear projection, residual when the shape allows), ReLU, BatchNorm (folded
-into the convolutions on ONNX export), global average pooling, one linear head.
-Default (width 0.5, 1280 features): 0.66 M weights, 28 M MACs per crop.
+into the convolutions on ONNX export), global average pooling. The landmarks go
+through an MLP (config.landmark_hidden) and, unchanged, straight to the head
+(landmark_skip). One linear head reads all three (`CoarseNet.embed`).
+Default: 1.46 M weights (0.66 M in the backbone), 28.7 M MACs per crop.
 
 Parameter vector layout (P = 152 with the defaults; `param_layout` gives the slices):
 
