@@ -76,25 +76,17 @@ class CoarseFitter:
         from engine.runtime import nominal_crop_camera
 
         S = self.runtime.input_size
-        centre = np.full((1, self._n_landmarks(), 2), (S - 1) / 2.0, np.float32)
-        self._run(np.zeros((1, S, S, 3), np.uint8), nominal_crop_camera(S)[None], centre)
-
-    def _n_landmarks(self) -> int:
-        """Landmarks the net reads beside the crop (0: the crop only; runtimes without the attribute)."""
-        return int(getattr(self.runtime, "n_landmarks", 0))
-
-    def _run(self, crops: np.ndarray, K_crop: np.ndarray, landmarks_crop_px: np.ndarray) -> dict[str, np.ndarray]:
-        if self._n_landmarks():
-            return self.runtime.run(crops, K_crop, landmarks_crop_px)
-        return self.runtime.run(crops, K_crop)
+        centre = np.full((1, self.runtime.n_landmarks, 2), (S - 1) / 2.0, np.float32)
+        self.runtime.run(np.zeros((1, S, S, 3), np.uint8), nominal_crop_camera(S)[None], centre)
 
     def predict(self, image: np.ndarray, landmarks_px: np.ndarray, K: np.ndarray) -> dict[str, np.ndarray]:
-        """The network's raw outputs (batch of one removed) for the face at landmarks_px in image."""
+        """The network's raw outputs (batch of one removed) for the face at landmarks_px in image
+        (a net that reads no landmarks ignores them)."""
         S = self.runtime.input_size
         A = crop_transform(crop_box(landmarks_px), S)
         crop = crop_image(np.ascontiguousarray(image), A, S)
-        out = self._run(crop[None], crop_camera(K, A)[None].astype(np.float32),
-                        apply_affine(A, landmarks_px)[None].astype(np.float32))
+        out = self.runtime.run(crop[None], crop_camera(K, A)[None].astype(np.float32),
+                               apply_affine(A, landmarks_px)[None].astype(np.float32))
         return {name: value[0] for name, value in out.items()}
 
     def fit(self, landmarks_px: np.ndarray, K: np.ndarray, pin=None, image: np.ndarray | None = None) -> FitResult:
