@@ -1489,13 +1489,11 @@ def add_tracking_to_shards(directory: str | Path) -> None:
     with MediaPipeLandmarker(static=True) as landmarker:
         for path in tqdm(paths, desc="tracking", unit="shard"):
             shard = read_shard(path)
-            found, points = [], []
-            for image, truth in zip(shard["image"], shard["landmarks"]):
-                lm = track_crop(landmarker, image)
-                found.append(lm is not None)
-                points.append(lm if lm is not None else np.zeros_like(truth))
-            shard["tracked"], shard["tracked_landmarks"] = np.array(found), np.stack(points).astype(np.float32)
-            tmp = path.with_name(path.stem + ".tmp.npz")
+            tracked = [add_tracking({"image": image, "landmarks": truth}, landmarker)
+                       for image, truth in zip(shard["image"], shard["landmarks"])]
+            for key in ("tracked", "tracked_landmarks"):
+                shard[key] = np.stack([t[key] for t in tracked])
+            tmp = path.with_name("partial-" + path.name)   # outside the shard-*.npz glob until renamed
             np.savez_compressed(tmp, **shard)
             tmp.replace(path)
 
