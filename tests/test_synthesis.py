@@ -312,3 +312,27 @@ def test_cli_writes_shards_and_a_sheet(tmp_path):
     assert (tmp_path / "sheet.png").is_file()
     ds = syn.SyntheticFaces(3, seed=0, real_backgrounds=False)
     assert np.array_equal(ds[2]["image"], b["image"][0])
+
+
+def test_tracked_landmarks_are_mediapipes_on_the_crop(clean_samples, tmp_path):
+    """add_tracking: MediaPipe finds the clean faces, its points lie near the labelled ones (crop px:
+    mapped back from the 2x enlargement);
+    add_tracking_to_shards writes the same fields into shards that lack them, leaving only shards."""
+    from engine.landmarks import MediaPipeLandmarker
+
+    with MediaPipeLandmarker(static=True) as landmarker:
+        tracked = [syn.add_tracking(dict(s), landmarker) for s in clean_samples]
+    for s, t in zip(clean_samples, tracked):
+        assert t["tracked"] and t["tracked_landmarks"].shape == (478, 2) and t["tracked_landmarks"].dtype == np.float32
+        span = np.ptp(s["landmarks"], axis=0).max()   # the face's size in the crop (some samples turn 55°)
+        error = np.linalg.norm(t["tracked_landmarks"] - s["landmarks"], axis=1)[s["landmark_visible"]].mean()
+        assert error < 0.1 * span, (error, span)
+    blank = syn.add_tracking({"image": np.zeros((128, 128, 3), np.uint8), "landmarks": clean_samples[0]["landmarks"]},
+                             MediaPipeLandmarker(static=True))
+    assert not blank["tracked"] and not blank["tracked_landmarks"].any()
+    syn.write_shard(tmp_path / "shard-00000.npz", clean_samples)
+    syn.add_tracking_to_shards(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.npz"]
+    shard = syn.read_shard(tmp_path / "shard-00000.npz")
+    assert shard["tracked"].all()
+    assert np.allclose(shard["tracked_landmarks"], np.stack([t["tracked_landmarks"] for t in tracked]), atol=1e-3)
