@@ -161,20 +161,11 @@ def test_init_starts_from_weights_and_data_may_be_several_folders(shard_dir, mod
     first_val = next(r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
                      if "val" in r)
     val = tc.load_shards(shard_dir / "val", limit=4)
-    assert first_val["val"] == tc.evaluate(start, val, _face_arrays(model), 64)
+    assert first_val["val"] == tc.evaluate(start, val, tc.face_region_arrays(model), 64)
     assert len(tc.load_shards(cfg["data"]["dir"])["image"]) == 12
     other = dict(cfg, model=dict(TINY_MODEL, width=0.35))
     with pytest.raises(ValueError, match="architecture"):
         tc.train(other, tmp_path / "other", **kw)
-
-
-def _face_arrays(model):
-    from engine.facemodel import FACE_VERTICES
-
-    face = slice(FACE_VERTICES.start, FACE_VERTICES.stop)
-    return {"neutral": torch.as_tensor(model.neutral[face]),
-            "identity_modes": torch.as_tensor(model.identity_modes[:, face]),
-            "expression_modes": torch.as_tensor(model.expression_modes[:, face])}
 
 
 def _interrupt_after(n_steps, run):

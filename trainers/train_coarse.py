@@ -358,10 +358,18 @@ def save_checkpoint(path: Path, net, opt, sched, step: int, cfg: dict) -> None:
 # ---------------------------------------------------------------- evaluation
 
 
+def face_region_arrays(face_model: FaceModel) -> dict[str, torch.Tensor]:
+    """The model restricted to the FACE region (neutral, identity_modes, expression_modes), for `evaluate`."""
+    face = slice(FACE_VERTICES.start, FACE_VERTICES.stop)
+    return {"neutral": torch.as_tensor(face_model.neutral[face]),
+            "identity_modes": torch.as_tensor(face_model.identity_modes[:, face]),
+            "expression_modes": torch.as_tensor(face_model.expression_modes[:, face])}
+
+
 @torch.no_grad()
 def evaluate(net: CoarseNet, val: dict[str, np.ndarray], model_arrays: dict, batch: int = 64) -> dict[str, float]:
-    """Validation figures over all of `val`: vertex_mm (mean Euclidean distance over the FACE region's
-    camera-space vertices), expression_mae, rotation_deg (mean geodesic);
+    """Validation figures over all of `val` (model_arrays: `face_region_arrays`): vertex_mm (mean
+    Euclidean distance over the FACE region's camera-space vertices), expression_mae, rotation_deg (mean geodesic);
     per-sample means, averaged. Runs in eval mode."""
     from engine.facemodel import model_vertices_torch
 
@@ -407,10 +415,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
     face_model = face_model or FaceModel.load()
     correspondence = correspondence or LandmarkCorrespondence.load()
     geometry = LossGeometry(face_model, correspondence)
-    face = slice(FACE_VERTICES.start, FACE_VERTICES.stop)
-    val_arrays = {"neutral": torch.as_tensor(face_model.neutral[face]),
-                  "identity_modes": torch.as_tensor(face_model.identity_modes[:, face]),
-                  "expression_modes": torch.as_tensor(face_model.expression_modes[:, face])}
+    val_arrays = face_region_arrays(face_model)
 
     # fresh runs seed everything; resumed runs restore the RNG states below
     seed = int(tc["seed"])
