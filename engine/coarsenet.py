@@ -354,6 +354,25 @@ def decode(params: torch.Tensor, K_crop: torch.Tensor | None = None,
     return out
 
 
+class CoarseNetInference(nn.Module):
+    """crops (B, S, S, 3) uint8 + K_crop (B, 3, 3) [+ landmarks (B, L, 2) crop px] -> the decoded
+    outputs named `output_names`, in that order (engine.runtime.OUTPUT_NAMES).
+
+    The one graph every runtime executes (and the one exported to ONNX)."""
+
+    def __init__(self, net: CoarseNet, output_names: tuple[str, ...]):
+        super().__init__()
+        self.net = net
+        self.output_names = tuple(output_names)
+
+    def forward(self, crops: torch.Tensor, K_crop: torch.Tensor,
+                landmarks: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        S = self.net.config.input_size
+        lm = None if landmarks is None else normalise_landmarks(landmarks, S)
+        out = decode(self.net(preprocess(crops), lm), K_crop, self.net.config)
+        return tuple(out[k] for k in self.output_names)
+
+
 # ---------------------------------------------------------------- weights and cost
 
 

@@ -1,6 +1,6 @@
 """CoarseNet inference runtimes behind one interface: torch, and ONNX Runtime on the CPU.
 
-Both execute the same graph, `CoarseNetInference`: uint8 crops and the crop camera in,
+Both execute the same graph, `engine.coarsenet.CoarseNetInference`: uint8 crops and the crop camera in,
 decoded parameters out (preprocessing and decoding included), so the only difference
 between runtimes is the arithmetic of the backend. Use:
 
@@ -30,12 +30,12 @@ import json
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
-from engine.coarsenet import CoarseNet, decode, normalise_landmarks, preprocess
+if TYPE_CHECKING:  # torch (about a second to import) loads only with TorchRuntime and export_onnx
+    from engine.coarsenet import CoarseNet
 
 INPUT_NAMES = ("crops", "K_crop", "landmarks")
 OUTPUT_NAMES = ("identity", "expression", "rotation", "translation", "crop_xy", "log_scale", "sh", "albedo")
@@ -47,7 +47,7 @@ ONNX_OPSET = 17
 #: difference is float32 summation order in the convolutions (≈ 5e-6 relative).
 AGREEMENT_TOLERANCE = {
     "identity": 2e-4, "sh": 2e-4, "crop_xy": 2e-4, "log_scale": 2e-4,   # raw outputs, O(1-10)
-    "expression": 5e-5, "albedo": 5e-5,                                  # after a sigmoid
+    "expression": 5e-5, "albedo": 5e-5,                                  # in [0, 1] (clamp, sigmoid)
     "rotation": 3e-4,                                                    # after Gram-Schmidt
     "translation": 3e-4,                                                 # relative: 0.15 mm at 50 cm
 }
@@ -63,24 +63,6 @@ def nominal_crop_camera(size: int) -> np.ndarray:
 def input_names(net_config) -> tuple[str, ...]:
     """The graph's inputs: crops, K_crop, and landmarks when the net reads them."""
     return INPUT_NAMES if net_config.n_landmarks else INPUT_NAMES[:2]
-
-
-class CoarseNetInference(nn.Module):
-    """crops (B, S, S, 3) uint8 + K_crop (B, 3, 3) [+ landmarks (B, L, 2) crop px] -> decoded
-    outputs in OUTPUT_NAMES order.
-
-    The one graph every runtime executes (and the one exported to ONNX)."""
-
-    def __init__(self, net: CoarseNet):
-        super().__init__()
-        self.net = net
-
-    def forward(self, crops: torch.Tensor, K_crop: torch.Tensor,
-                landmarks: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        S = self.net.config.input_size
-        lm = None if landmarks is None else normalise_landmarks(landmarks, S)
-        out = decode(self.net(preprocess(crops), lm), K_crop, self.net.config)
-        return tuple(out[k] for k in OUTPUT_NAMES)
 
 
 class CoarseRuntime:
@@ -136,14 +118,20 @@ class TorchRuntime(CoarseRuntime):
     name = "torch"
 
     def __init__(self, model: CoarseNet, num_threads: int | None = None):
+        import torch
+
+        from engine.coarsenet import CoarseNetInference
+
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.graph = CoarseNetInference(model.eval()).eval()
+        self.graph = CoarseNetInference(model.eval(), OUTPUT_NAMES).eval()
         self.input_size = model.config.input_size
         self.n_landmarks = model.config.n_landmarks
         self.device = next(model.parameters()).device
 
     def _run(self, crops: np.ndarray, K_crop: np.ndarray, landmarks: np.ndarray | None) -> list[np.ndarray]:
+        import torch
+
         lm = None if landmarks is None else torch.from_numpy(landmarks).to(self.device)
         with torch.inference_mode():
             outs = self.graph(torch.from_numpy(crops).to(self.device), torch.from_numpy(K_crop).to(self.device), lm)
@@ -208,6 +196,9 @@ def export_onnx(model: CoarseNet, path: str | Path | None = None, opset: int = O
     The model's config is stored as JSON in the metadata (key 'coarsenet_config'). The model is
     exported in eval mode (BatchNorm folded) and left in the mode it was in."""
     import onnx
+    import torch
+
+    from engine.coarsenet import CoarseNetInference
 
     S = model.config.input_size
     crops = torch.zeros(1, S, S, 3, dtype=torch.uint8)
@@ -223,7 +214,7 @@ def export_onnx(model: CoarseNet, path: str | Path | None = None, opset: int = O
         model.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
-            torch.onnx.export(CoarseNetInference(model), args, buf, dynamo=False, opset_version=opset,
+            torch.onnx.export(CoarseNetInference(model, OUTPUT_NAMES), args, buf, dynamo=False, opset_version=opset,
                               input_names=list(names), output_names=list(OUTPUT_NAMES),
                               dynamic_axes=axes, do_constant_folding=True)
     finally:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine.coarsenet import CoarseNet, CoarseNetConfig, decode, normalise_landmarks, preprocess
-from engine.runtime import (AGREEMENT_TOLERANCE, OUTPUT_NAMES, CoarseNetInference, OnnxRuntime, TorchRuntime,
+from engine.coarsenet import CoarseNetInference
+from engine.runtime import (AGREEMENT_TOLERANCE, OUTPUT_NAMES, OnnxRuntime, TorchRuntime,
                             export_onnx)
 
 S = 128
@@ -139,4 +140,4 @@ def test_export_leaves_training_mode_alone():
     net = CoarseNet().train()
     export_onnx(net)
     assert net.training
-    assert isinstance(CoarseNetInference(net).net, CoarseNet)
+    assert isinstance(CoarseNetInference(net, OUTPUT_NAMES).net, CoarseNet)
