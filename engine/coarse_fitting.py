@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.crop import apply_affine, crop_box, crop_camera, crop_image, crop_transform
-from engine.fitting import FitResult, LandmarkBasis, landmark_rms_px
+from engine.fitting import FitResult, LandmarkBasis, landmark_rms_px, locked_identity
 
 if TYPE_CHECKING:  # engine.runtime loads torch (about a second): only when a runtime is opened
     from engine.runtime import CoarseRuntime
@@ -58,14 +58,22 @@ def open_runtime(kind: str = "onnx", weights: str | Path | None = None) -> Coars
 
 class CoarseFitter:
     """Fits every frame of one take with one CoarseNet pass; identity converges over the
-    first frames (running mean of the network's), then locks. Duck-types TakeFitter."""
+    first frames (running mean of the network's), then locks. Duck-types TakeFitter.
 
-    def __init__(self, basis: LandmarkBasis, runtime: CoarseRuntime, identity_frames: int = 40):
+    identity: a known identity (an actor profile's), locked from the first frame, as
+    TakeFitter(identity=...) takes it.
+    """
+
+    def __init__(self, basis: LandmarkBasis, runtime: CoarseRuntime, identity_frames: int = 40,
+                 identity: np.ndarray | None = None):
         self.basis = basis
         self.runtime = runtime
         self.identity_frames = max(1, int(identity_frames))
         self.identity = np.zeros(basis.identity.shape[0])
         self.identity_locked = False
+        if identity is not None:
+            self.identity = locked_identity(basis, identity)
+            self.identity_locked = True
         self._frames_for_identity = 0
 
     def lose_track(self) -> None:

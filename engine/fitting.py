@@ -303,9 +303,21 @@ def joint_identity_step(basis: LandmarkBasis, frames: list, identity: np.ndarray
     return identity + delta_a
 
 
+def locked_identity(basis: LandmarkBasis, identity: np.ndarray) -> np.ndarray:
+    """A known identity (e.g. an actor profile's) checked against the basis, as fitters lock it."""
+    identity = np.array(identity, dtype=np.float64)
+    if identity.shape != (basis.identity.shape[0],) or not np.isfinite(identity).all():
+        raise ValueError(f"a locked identity must be {basis.identity.shape[0]} finite weights, "
+                         f"got shape {identity.shape}")
+    return identity
+
+
 @dataclass
 class TakeFitter:
-    """Fits every frame of one take; identity converges over the first frames, then locks."""
+    """Fits every frame of one take; identity converges over the first frames, then locks.
+
+    identity: a known identity (an actor profile's), locked from the first frame.
+    """
 
     basis: LandmarkBasis
     settings: FitSettings = field(default_factory=FitSettings)
@@ -322,7 +334,7 @@ class TakeFitter:
         if self.identity is None:
             self.identity = np.zeros(k)
         else:
-            self.identity = np.asarray(self.identity, np.float64)
+            self.identity = locked_identity(self.basis, self.identity)
             self.identity_locked = True
         self._A = np.zeros((k, k))
         self._b = np.zeros(k)
