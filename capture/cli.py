@@ -5,6 +5,8 @@
     capture live [--camera N] [--preview] a webcam, live, optionally recorded with --out
     capture live --stream URL ...         ... and streamed to avatar applications (VMC, VRChat, Live Link, WebSocket)
     capture stream DIR --to URL ...       replay a recorded take to the same streams at its own frame rate
+    capture calibrate VIDEO --out X.toml  an actor profile (identity, neutral face, extremes) for --actor
+    capture calibrate --camera N --out X.toml   ... measured live, with prompts
     capture export DIR --format gltf      a recorded take as one .glb (mesh, 52 morph targets, animation)
     capture train coarse --out DIR        train CoarseNet on synthetic renders (trainers/train_coarse.py)
     capture model import FACEXMODEL_DIR   build the face model file from ICT-FaceKit's OBJ folder
@@ -50,8 +52,33 @@ the face model is read from --face-model, else $CAPTURE_FACE_MODEL, else
 ../shared/facemodel/ict_face_model_light.npz beside the project.
 """
 
-EPILOG = OUTPUTS_HELP + "\n" + MODEL_HELP
-LIVE_EPILOG = OUTPUTS_HELP + "\n" + STREAM_HELP + "\n" + MODEL_HELP
+ACTOR_HELP = """\
+calibration (--actor): a neutral face does not fit to all-zero weights, so the avatar
+would never rest. FILE applies a profile made by `capture calibrate` (the performer's
+identity locked from the first frame, their neutral read as 0 and their measured extremes
+as 1); auto (default) estimates each take's neutral from its quietest frames (the first
+10 s; nothing for photos); off writes the raw fitted weights. Blendshapes and streams are
+calibrated; meshes and track.npz's expression stay the fit's own.
+"""
+
+CALIBRATE_HELP = """\
+on a video: the identity is the take's locked identity, the neutral the median of the
+quietest quarter of its frames (or of its first --neutral-s seconds with
+--neutral-from-start); with --extremes, each shape's peak is its 98th percentile where
+that rises more than 0.2 above the neutral (1.0 elsewhere). Film the performer resting,
+talking and, for --extremes, at their extremes.
+
+live (--camera N): prompts on the console (and the preview with --preview): a countdown,
+"hold a neutral face" for --neutral-s seconds, then unless --no-extremes blink, open the
+jaw, smile and raise the brows, --step-s seconds each; peaks are the 95th percentile of
+the prompted shapes within each step.
+
+The profile is a TOML file (shapes by name, editable); use it with
+`capture video|image|live|stream --actor FILE`, on any take of the same performer.
+"""
+
+EPILOG = OUTPUTS_HELP + "\n" + ACTOR_HELP + "\n" + MODEL_HELP
+LIVE_EPILOG = OUTPUTS_HELP + "\n" + ACTOR_HELP + "\n" + STREAM_HELP + "\n" + MODEL_HELP
 
 
 def _stream_options(p: argparse.ArgumentParser, flag: str, required: bool) -> None:
@@ -65,11 +92,24 @@ class CaptureError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
 
+def _actor_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--actor", default="auto", metavar="FILE|auto|off",
+                   help=help + " (a file named auto or off: ./auto)")
+
+
 def _common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("--out", type=Path, required=out_required,
                    help="output folder (default: takes/<input name>)")
     p.add_argument("--mesh-format", choices=("obj", "ply", "none"), default="obj",
                    help="per-frame mesh files (default: obj)")
+    p.add_argument("--no-filter", action="store_true",
+                   help="write raw per-frame fits (no One-Euro temporal filtering)")
+    _actor_option(p, "calibration: FILE an actor profile from `capture calibrate`; auto (default) each "
+                  "take's neutral from its quietest frames (nothing for photos); off the raw fitted weights")
+    _engine_options(p)
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--focal-px", type=float, default=None,
                    help="camera focal length in pixels (default: the larger image side, about 53° across)")
     p.add_argument("--face-model", type=Path, default=None, help="face model .npz")
@@ -79,8 +119,6 @@ def _common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("--coarse-weights", type=Path, default=None, metavar="PATH",
                    help="CoarseNet weights for --engine coarse: .onnx (ONNX Runtime) or .pt (torch) "
                    "(default: engine/weights/coarsenet.onnx, shipped with capture)")
-    p.add_argument("--no-filter", action="store_true",
-                   help="write raw per-frame fits (no One-Euro temporal filtering)")
     p.add_argument("--no-small-faces", action="store_true",
                    help="skip the full-range detector that finds small, distant faces")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -132,7 +170,34 @@ def build_parser() -> argparse.ArgumentParser:
     _stream_options(p, "--to", required=True)
     p.add_argument("--speed", type=float, default=1.0, help="playback speed (default: 1, real time)")
     p.add_argument("--loop", action="store_true", help="replay until Ctrl-C")
+    _actor_option(p, "auto (default): send the blendshapes as recorded; FILE: re-calibrate them from the "
+                  "take's stored expression weights with an actor profile; off: re-make them uncalibrated")
+    p.add_argument("--face-model", type=Path, default=None, help="face model .npz (for --actor FILE|off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("calibrate", help="measure an actor profile (neutral face, extremes) for --actor",
+                       epilog=CALIBRATE_HELP + "\n" + MODEL_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Measure one performer's calibration on a video or live on a camera: "
+                       "their identity, the expression weights of their neutral face and how far their "
+                       "extremes reach. Writes a TOML profile for `--actor FILE`.")
+    p.add_argument("input", type=Path, nargs="?", default=None, help="a video of the performer (or --camera)")
+    p.add_argument("--camera", type=int, default=None, metavar="N", help="calibrate live on camera N, with prompts")
+    p.add_argument("--out", type=Path, required=True, help="the profile to write (.toml)")
+    p.add_argument("--name", default=None, help="the performer's name in the profile (default: the video's name)")
+    p.add_argument("--neutral-s", type=float, default=3.0,
+                   help="seconds of neutral face: live, the neutral step; on a video, with "
+                   "--neutral-from-start (default: 3)")
+    p.add_argument("--neutral-from-start", action="store_true",
+                   help="video: take the neutral from its first --neutral-s seconds, not the whole video")
+    p.add_argument("--extremes", action=argparse.BooleanOptionalAction, default=None,
+                   help="measure how far each shape goes (default: on live, off on a video)")
+    p.add_argument("--step-s", type=float, default=2.0, help="live: seconds per extreme (default: 2)")
+    p.add_argument("--max-frames", type=int, default=None, help="video: use only its first frames")
+    p.add_argument("--preview", action="store_true", help="live: show the picture and the prompts in a window")
+    p.add_argument("--width", type=int, default=None, help="requested camera width, px")
+    p.add_argument("--height", type=int, default=None, help="requested camera height, px")
+    _engine_options(p)
 
     p = sub.add_parser("export", help="export a recorded take for animation tools",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODEL_HELP,
@@ -166,17 +231,30 @@ def _default_out(input_path: Path) -> Path:
     return Path("takes") / input_path.stem
 
 
-def _load_capture(args, static: bool):
+def _load_actor(actor: str, model):
+    """--actor FILE|auto|off -> an ActorProfile for model, or None (auto and off)."""
+    from engine.calibration import ActorProfile
+
+    if actor in ("auto", "off"):
+        return None
+    return ActorProfile.load(actor, model.expression_names)
+
+
+def _load_capture(args, static: bool, raw: bool = False):
+    """FaceCapture as the options ask; raw: no filtering and no calibration (what calibrate measures)."""
     from capture.pipeline import CaptureSettings, FaceCapture
     from engine.correspondence import LandmarkCorrespondence
     from engine.facemodel import FaceModel
 
+    model = FaceModel.load(args.face_model)
+    actor = "off" if raw else args.actor
     weights = args.coarse_weights
     runtime = "torch" if weights is not None and weights.suffix == ".pt" else "onnx"
     settings = CaptureSettings(engine=args.engine, coarse_weights=weights, coarse_runtime=runtime,
-                               focal_px=args.focal_px, filtering=not args.no_filter,
-                               small_faces=not args.no_small_faces, static=static)
-    return FaceCapture(FaceModel.load(args.face_model), LandmarkCorrespondence.load(), settings)
+                               focal_px=args.focal_px, filtering=not (raw or args.no_filter),
+                               small_faces=not args.no_small_faces, static=static,
+                               actor=_load_actor(actor, model), auto_neutral=actor == "auto")
+    return FaceCapture(model, LandmarkCorrespondence.load(), settings)
 
 
 def _report(summary, out: Path | None) -> None:
@@ -315,6 +393,12 @@ def cmd_stream(args) -> int:
     n = len(track["frame_index"])
     if n == 0:
         raise CaptureError(f"{args.take} has no frames")
+    if args.actor != "auto":  # re-made from the stored, uncalibrated weights
+        from capture.calibrate import recalibrate_track
+        from engine.facemodel import FaceModel
+
+        model = FaceModel.load(args.face_model)
+        track = recalibrate_track(track, model.arkit_mapping(), _load_actor(args.actor, model))
     hub = _open_streams(args)
     stop = threading.Event()
     sent = 0
@@ -331,6 +415,91 @@ def cmd_stream(args) -> int:
     print(f"{sent} frames sent to {len(hub.streams)} stream(s)" + (f"; failed: {failed}" if failed else ""),
           file=sys.stderr)
     return 1 if len(hub.failed) == len(hub.streams) else 0
+
+
+def cmd_calibrate(args) -> int:
+    from capture.calibrate import calibrate_video
+
+    if (args.input is None) == (args.camera is None):
+        raise CaptureError("give a VIDEO or --camera N to calibrate on (one of them)")
+    if not args.neutral_s > 0 or not args.step_s > 0:
+        raise CaptureError("--neutral-s and --step-s must be > 0")
+    if args.out.is_dir():
+        raise CaptureError(f"--out {args.out} is a folder; give the profile's file name, e.g. actor.toml")
+    if not args.out.parent.is_dir():
+        raise CaptureError(f"no such folder for --out: {args.out.parent}")
+    if args.input is not None:
+        if args.preview:
+            raise CaptureError("--preview is for --camera")
+        from capture.sources import VideoSource
+
+        VideoSource(args.input).close()  # a bad video fails here, before the engine loads
+        capture = _load_capture(args, static=False, raw=True)
+        try:
+            result = calibrate_video(args.input, capture, args.neutral_s if args.neutral_from_start else None,
+                                     bool(args.extremes), args.max_frames, progress=not args.quiet,
+                                     name=args.name or "")
+        finally:
+            capture.close()
+    else:
+        result = _calibrate_live(args)
+    result.profile.save(args.out)
+    _report_calibration(result, args.out)
+    return 0
+
+
+def _calibrate_live(args):
+    """The guided session on camera args.camera -> Calibration."""
+    from capture.calibrate import GuidedSession, guided_steps
+    from capture.pipeline import run_take
+    from capture.preview import Preview, check_display
+    from capture.sources import CameraSource
+
+    if args.preview:
+        check_display()
+    source = CameraSource(args.camera, args.width, args.height)
+    try:
+        capture = _load_capture(args, static=False, raw=True)
+    except BaseException:
+        source.close()
+        raise
+    session = GuidedSession(guided_steps(args.neutral_s, args.extremes is not False, args.step_s),
+                            capture.model.expression_names, ready=lambda: capture.fitter.identity_locked)
+    preview = Preview(capture, f"capture: calibrating on camera {args.camera}") if args.preview else None
+
+    def on_result(frame, result):
+        going = session(frame, result)
+        if preview is not None and not preview.show(frame, result, session.caption):
+            raise KeyboardInterrupt
+        return going
+
+    try:
+        run_take(source, capture, None, progress=False, on_result=on_result, queue_size=1)
+    finally:
+        if preview is not None:
+            preview.close()
+        capture.close()
+        source.close()
+    if not session.done:
+        raise CaptureError(f"camera {args.camera} stopped before the calibration was done")
+    return session.calibration(capture.fitter.identity, args.name or f"camera {args.camera}",
+                               f"camera {args.camera}")
+
+
+def _report_calibration(result, out: Path) -> None:
+    import numpy as np
+
+    p = result.profile
+    offsets = np.argsort(-p.neutral)[:5]
+    print(f"calibrated {p.name or 'the performer'} on {result.frames} frames with a face "
+          f"(neutral: median of {result.neutral_frames}) -> {out}", file=sys.stderr)
+    print("largest neutral offsets: " + ", ".join(f"{p.shape_names[i]} {p.neutral[i]:.2f}" for i in offsets),
+          file=sys.stderr)
+    measured = np.flatnonzero(p.peak < 1.0)
+    print("peaks: " + (", ".join(f"{p.shape_names[i]} {p.peak[i]:.2f}" for i in measured) if len(measured)
+                       else "none measured (1.0)"), file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_export(args) -> int:
@@ -396,15 +565,16 @@ def main(argv=None) -> int:
     from engine.model_import import ModelImportError
     from capture.streams import StreamError
     from engine.coarse_fitting import CoarseWeightsError
+    from engine.calibration import CalibrationError
 
     handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live, "stream": cmd_stream,
-                "export": cmd_export, "train": cmd_train}
+                "calibrate": cmd_calibrate, "export": cmd_export, "train": cmd_train}
     handler = cmd_model_import if args.command == "model" else handlers[args.command]
     try:
         with NativeStderrFilter():
             return handler(args)
     except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, StreamError,
-            CoarseWeightsError, FileNotFoundError,
+            CoarseWeightsError, CalibrationError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"capture: error: {message}", file=sys.stderr)

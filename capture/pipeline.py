@@ -4,6 +4,12 @@ The fit is CoarseNet's one pass on the face crop (engine.coarse_fitting, the
 default) or the landmark optimiser (engine.fitting); everything around it is
 the same for both, so a take has the same files and arrays whichever ran.
 
+Calibration (engine.calibration: an actor profile, or the take's automatic
+neutral) maps the fitted weights to the performer's own range before filtering;
+the blendshapes and streams carry the calibrated weights, while the mesh,
+landmarks68 and track.npz's `expression` stay the fit's own, which is what the
+face in the picture does (and what a profile can be applied to again later).
+
 `FaceCapture` turns one picture into a `FrameResult`; `run_take` drives a
 whole source through it into the files animators use (blendshapes.csv,
 meshes/, track.npz), with a reader thread, a progress bar and per-stage timings.
@@ -21,6 +27,7 @@ from capture.sources import FrameReader, FrameSource
 from capture.streams import StreamHub, stream_frame
 from capture.tracking import FaceTracker
 from engine.arkit import arkit_from_model
+from engine.calibration import ActorProfile, AutoNeutral
 from engine.coarse_fitting import CoarseFitter, open_runtime
 from engine.contour import Landmarks68
 from engine.correspondence import LandmarkCorrespondence
@@ -43,6 +50,12 @@ class CaptureSettings:
     engine: "coarse" (CoarseNet, one network pass per frame) or "fit" (the landmark
     optimiser of engine.fitting). coarse_weights None: the file shipped in
     engine/weights/ for coarse_runtime ("onnx": ONNX Runtime; "torch").
+
+    actor: a performer's profile (`capture calibrate`): its identity is locked from the
+    first frame and its neutral and peaks calibrate every frame (photos too); auto_neutral
+    is then ignored. auto_neutral, without a profile: each take's neutral is estimated
+    from its quietest frames (engine.calibration.AutoNeutral); never for photos, where
+    every picture is a face of its own. Neither: the raw fitted weights.
     """
 
     engine: str = "coarse"
@@ -60,14 +73,17 @@ class CaptureSettings:
     pose_cutoff_hz: float = 1.5     # tuned on d10/d12/d14: lag ≤ 1.6% of the eye distance (median)
     rotation_beta: float = 30.0     # per rad/s
     translation_beta: float = 3.0   # per cm/s
+    actor: ActorProfile | None = None
+    auto_neutral: bool = True
 
 
 @dataclass
 class FrameResult:
     """One frame's output. Arrays are absent (None) when no face was found.
 
-    rotation (3, 3) / translation (3,) cm: model to camera; expression (53,) model
-    weights; blendshapes (52,) ARKit order; head_ypr_rad (3,); eyes_ypr_rad (2, 3)
+    rotation (3, 3) / translation (3,) cm: model to camera; expression (53,) the fitted
+    model weights (uncalibrated: the mesh's); blendshapes (52,) ARKit order, from the
+    calibrated weights; head_ypr_rad (3,); eyes_ypr_rad (2, 3)
     for the subject's left then right eye; landmarks68 (68, 2) px; landmarks (478, 3)
     MediaPipe's, px.
     """
@@ -99,6 +115,9 @@ class FaceCapture:
         self.settings = settings or CaptureSettings()
         if self.settings.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.settings.engine!r} (choose from {', '.join(ENGINES)})")
+        actor = self.settings.actor
+        if actor is not None and actor.shape_names != model.expression_names:
+            raise ValueError("the actor profile's shapes are not this face model's expression shapes")
         self._runtime = None  # bad weights fail here, before the tracker loads
         if self.settings.engine == "coarse":  # one runtime for the whole take (photos get a fitter each)
             self._runtime = open_runtime(self.settings.coarse_runtime, self.settings.coarse_weights)
@@ -135,10 +154,15 @@ class FaceCapture:
         fitter.fit(landmarks, K)
 
     def reset(self) -> None:
-        """Start a new take: identity, tracking and filters start afresh."""
+        """Start a new take: identity, tracking, filters and the automatic neutral start afresh
+        (an actor profile's identity is locked again)."""
         s = self.settings
         self._new_fitter()
+        self.auto_neutral = None
+        if s.actor is None and s.auto_neutral and not s.static:
+            self.auto_neutral = AutoNeutral(self.model.expression_names)
         self._expression_filter = OneEuroFilter(s.expression_cutoff_hz, s.expression_beta)
+        self._calibrated_filter = OneEuroFilter(s.expression_cutoff_hz, s.expression_beta)
         self._pose_filter = OneEuroFilter(s.pose_cutoff_hz, np.r_[np.full(3, s.rotation_beta),
                                                                   np.full(3, s.translation_beta)])
         self.tracker.reset()
@@ -146,14 +170,24 @@ class FaceCapture:
 
     def _new_fitter(self) -> None:
         s = self.settings
+        identity = s.actor.identity if s.actor is not None else None  # locked from the first frame
         if self._runtime is not None:  # a photo's identity is its own network output
-            self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames)
+            self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames, identity)
             return
         if s.static:  # one photo's passes see the same landmarks: its prior must not weaken with them
             fit = FitSettings(identity_frames=s.photo_passes, identity_prior_joint=s.photo_identity_prior)
         else:
             fit = FitSettings(identity_frames=s.identity_frames)
-        self.fitter = TakeFitter(self.basis, fit)
+        self.fitter = TakeFitter(self.basis, fit, identity)
+
+    def _calibrated(self, expression: np.ndarray) -> np.ndarray | None:
+        """The fitted weights in the performer's own range (the profile's, else the take's
+        automatic neutral); None when calibration is off."""
+        if self.settings.actor is not None:
+            return self.settings.actor.apply(expression)
+        if self.auto_neutral is not None:
+            return self.auto_neutral(expression)
+        return None
 
     def _update_eyes(self, identity: np.ndarray) -> None:
         """Eyeball centres and rest gaze for this identity (only the eye vertices are built)."""
@@ -185,6 +219,7 @@ class FaceCapture:
         if landmarks is None:
             self.fitter.lose_track()
             self._expression_filter.reset()
+            self._calibrated_filter.reset()
             self._pose_filter.reset()
             timings["fit"] = timings["filter"] = 0.0
             return result
@@ -206,8 +241,11 @@ class FaceCapture:
         timings["fit"] = t2 - t1
 
         R, t, e = fit.rotation, fit.translation, fit.expression
+        calibrated = self._calibrated(e)
         if self.settings.filtering and not self.settings.static:
             e = np.clip(self._expression_filter(e, time_s), 0.0, 1.0)
+            if calibrated is not None:  # filtered on its own: the streams see smooth calibrated values
+                calibrated = np.clip(self._calibrated_filter(calibrated, time_s), 0.0, 1.0)
             pose = self._pose_filter(np.r_[rotation_to_axis_angle(R @ FRONTAL.T), t], time_s)
             R, t = rodrigues(pose[:3]) @ FRONTAL, pose[3:]
         eyes = np.zeros((2, 3))
@@ -215,7 +253,7 @@ class FaceCapture:
         result.landmarks = landmarks
         result.rotation, result.translation, result.expression = R, t, e
         result.identity = fit.identity
-        result.blendshapes = arkit_from_model(e, self._arkit)
+        result.blendshapes = arkit_from_model(e if calibrated is None else calibrated, self._arkit)
         result.head_ypr_rad = yaw_pitch_roll(head_rotation(R))
         result.eyes_ypr_rad = eyes
         result.landmarks68 = self.landmarks68.project(fit.identity, e, R, t, K)

@@ -11,9 +11,14 @@ from engine.facemodel import NARROW_FACE_VERTICES
 from engine.pose import project
 
 
-def draw_overlay(image_rgb: np.ndarray, capture, result, triangles: np.ndarray) -> np.ndarray:
-    """BGR picture with the mesh wireframe, the 68 landmarks and the head angles."""
+def draw_overlay(image_rgb: np.ndarray, capture, result, triangles: np.ndarray, caption: str = "") -> np.ndarray:
+    """BGR picture with the mesh wireframe, the 68 landmarks and the head angles; caption
+    (e.g. a calibration prompt) along the bottom."""
     out = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+    if caption:
+        h = out.shape[0]
+        cv2.putText(out, caption, (10, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 4, cv2.LINE_AA)
+        cv2.putText(out, caption, (10, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 255, 255), 2, cv2.LINE_AA)
     if not result.face_found:
         cv2.putText(out, "no face", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 255), 2)
         return out
@@ -55,12 +60,12 @@ class Preview:
         self._sized = False
         cv2.namedWindow(title, cv2.WINDOW_NORMAL)
 
-    def show(self, frame, result) -> bool:
+    def show(self, frame, result, caption: str = "") -> bool:
         if not self._sized:
             h, w = frame.image.shape[:2]
             cv2.resizeWindow(self.title, w, h)
             self._sized = True
-        cv2.imshow(self.title, draw_overlay(frame.image, self.capture, result, self._triangles))
+        cv2.imshow(self.title, draw_overlay(frame.image, self.capture, result, self._triangles, caption))
         key = cv2.waitKey(1) & 0xFF
         return key not in (ord("q"), 27)
 
