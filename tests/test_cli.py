@@ -22,7 +22,7 @@ import pytest
 from capture import cli
 from capture.sinks import livelink_timecode, load_track, read_livelink_csv, read_obj, read_ply
 from engine.arkit import ARKIT_NAMES
-from engine.contour import JAW_POINTS, jaw_candidates
+from engine.contour import CHIN, JAW_POINTS, default_surface_points, jaw_candidates
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import DEFAULT_FACE_MODEL, ENV_FACE_MODEL, FaceModel, barycentric_points
 from engine.pose import project
@@ -327,14 +327,15 @@ def test_take_meshes_are_the_tracked_fit(take, take_track, take_meshes, model):
         want = (model.vertices(t["identity_per_frame"][i], t["expression"][i])
                 @ t["rotation"][i].T.astype(np.float64) + t["translation"][i])
         np.testing.assert_allclose(vertices, want, atol=2e-3)  # OBJ keeps 4 decimals
-        # landmarks68 are the mesh's own points: fixed vertices inside the face, and on the
-        # jaw line one of each jaw point's candidate vertices (the one on the silhouette)
+        # landmarks68 are the mesh's own points: fixed surface points inside the face, and on the
+        # jaw line the point itself or one of its band's candidate vertices (the one on the silhouette)
         lm68 = t["landmarks68"][i]
-        inner = model.landmark68_vertices[17:]
-        np.testing.assert_allclose(project(vertices[inner].astype(np.float64), K), lm68[17:], atol=0.02)
+        surface = project(default_surface_points(model).on(model, vertices), K)
+        np.testing.assert_allclose(surface[17:], lm68[17:], atol=0.02)
         for j, cands in zip(JAW_POINTS, jaw_candidates(model)):
-            px = project(vertices[cands].astype(np.float64), K)
+            px = np.vstack([surface[j], project(vertices[cands].astype(np.float64), K)])
             assert np.linalg.norm(px - lm68[j], axis=1).min() < 0.02, (i, j)
+        np.testing.assert_allclose(surface[CHIN], lm68[CHIN], atol=0.02)
 
 
 def test_fit_take_mesh_follows_mediapipe(fit_take_track, fit_take_meshes, mediapipe_d12):
