@@ -61,6 +61,7 @@ class CaptureSettings:
     engine: str = "coarse"
     coarse_weights: Path | None = None
     coarse_runtime: str = "onnx"
+    coarse_refine_iterations: int = 2   # Gauss-Newton steps on CoarseNet's head pose against the landmarks
     focal_px: float | None = None
     filtering: bool = True
     small_faces: bool = True
@@ -172,7 +173,8 @@ class FaceCapture:
         s = self.settings
         identity = s.actor.identity if s.actor is not None else None  # locked from the first frame
         if self._runtime is not None:  # a photo's identity is its own network output
-            self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames, identity)
+            self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames, identity,
+                                       s.coarse_refine_iterations)
             return
         if s.static:  # one photo's passes see the same landmarks: its prior must not weaken with them
             fit = FitSettings(identity_frames=s.photo_passes, identity_prior_joint=s.photo_identity_prior)

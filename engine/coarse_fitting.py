@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.crop import apply_affine, crop_box, crop_camera, crop_image, crop_transform
-from engine.fitting import FitResult, LandmarkBasis, landmark_rms_px, locked_identity
+from engine.fitting import (FitResult, FitSettings, LandmarkBasis, gauss_newton_frame, landmark_rms_px,
+                            locked_identity)
 
 if TYPE_CHECKING:  # engine.runtime loads torch (about a second): only when a runtime is opened
     from engine.runtime import CoarseRuntime
@@ -62,12 +63,18 @@ class CoarseFitter:
 
     identity: a known identity (an actor profile's), locked from the first frame, as
     TakeFitter(identity=...) takes it.
+    refine_iterations: Gauss-Newton steps on the head pose alone (engine.fitting, expression and
+    identity held at the network's) against the tracked landmarks after the network's pass;
+    0 leaves the network's pose. The network places the head from a 128 px crop; the landmarks
+    pin it better (bench/eval_accuracy.py).
     """
 
     def __init__(self, basis: LandmarkBasis, runtime: CoarseRuntime, identity_frames: int = 40,
-                 identity: np.ndarray | None = None):
+                 identity: np.ndarray | None = None, refine_iterations: int = 2):
         self.basis = basis
         self.runtime = runtime
+        self.refine_iterations = max(0, int(refine_iterations))
+        self._settings = FitSettings()
         self.identity_frames = max(1, int(identity_frames))
         self.identity = np.zeros(basis.identity.shape[0])
         self.identity_locked = False
@@ -101,7 +108,7 @@ class CoarseFitter:
         """Fit one frame: image (H, W, 3) uint8 RGB, its (N, 2+) landmarks px, camera matrix K.
 
         pin: optional callable (R, t) -> {expression index: value}, called with the
-        network's pose; those weights replace the network's (gaze, as in TakeFitter).
+        final (refined) pose; those weights replace the network's (gaze, as in TakeFitter).
         """
         if image is None:
             raise ValueError("CoarseFitter.fit needs the image: CoarseNet reads the face crop")
@@ -114,12 +121,15 @@ class CoarseFitter:
         R = out["rotation"].astype(np.float64)
         t = out["translation"].astype(np.float64)
         e = np.clip(out["expression"].astype(np.float64), 0.0, 1.0)
-        if pin is not None:
-            for index, value in pin(R, t).items():
-                e[index] = value
         if not self.identity_locked:
             n = self._frames_for_identity = self._frames_for_identity + 1
             self.identity = self.identity + (out["identity"].astype(np.float64) - self.identity) / n
             self.identity_locked = n >= self.identity_frames
+        if self.refine_iterations:
+            R, t, _ = gauss_newton_frame(self.basis, landmarks_px[:, :2], K, R, t, e, self.identity, self._settings,
+                                         self.refine_iterations, solve_expression=False)
+        if pin is not None:
+            for index, value in pin(R, t).items():
+                e[index] = value
         rms = landmark_rms_px(self.basis, landmarks_px[:, :2], K, R, t, e, self.identity)
         return FitResult(R, t, e, self.identity.copy(), rms)

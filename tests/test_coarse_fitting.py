@@ -15,7 +15,7 @@ import pytest
 from engine.coarse_fitting import DEFAULT_WEIGHTS, CoarseFitter, CoarseWeightsError, open_runtime
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import DEFAULT_FACE_MODEL
-from engine.fitting import LandmarkBasis, landmark_rms_px
+from engine.fitting import LandmarkBasis, landmark_rms_px, linearise
 from engine.pose import default_camera_matrix
 from engine.runtime import AGREEMENT_TOLERANCE, OnnxRuntime, TorchRuntime, export_onnx
 
@@ -188,3 +188,20 @@ def test_unreadable_weights_are_a_one_line_error_naming_the_file(kind, tmp_path)
 def test_unknown_runtime():
     with pytest.raises(ValueError, match="tensorrt"):
         open_runtime("tensorrt")
+
+
+def test_pose_refinement_moves_only_the_pose_towards_the_landmarks(runtimes, basis, d3):
+    _, landmarks, K = d3
+    net_only = _fit_all(CoarseFitter(basis, runtimes["committed"], refine_iterations=0), d3)
+    refined = _fit_all(CoarseFitter(basis, runtimes["committed"], refine_iterations=2), d3)
+
+    def objective(lm, fit):  # what the Gauss-Newton steps minimise: weighted squared residuals, cm²
+        r, _ = linearise(basis, lm[:, :2], K, fit.rotation, fit.translation, fit.expression, fit.identity, False)
+        return r @ r
+
+    for lm, a, b in zip(landmarks, net_only, refined):
+        np.testing.assert_array_equal(a.expression, b.expression)
+        np.testing.assert_array_equal(a.identity, b.identity)
+        assert not np.allclose(a.rotation, b.rotation)
+        assert objective(lm, b) < objective(lm, a)
+        np.testing.assert_allclose(b.rotation @ b.rotation.T, np.eye(3), atol=1e-5)   # float32 from the net
