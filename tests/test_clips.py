@@ -1,4 +1,6 @@
 """Synthetic evaluation clips (trainers.clips): the frames render, and the ground truth describes them."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,22 @@ def test_mediapipe_agrees_with_the_ground_truth_landmarks(assets):
     size = np.linalg.norm(truth.max(axis=0) - truth.min(axis=0))   # the face's landmark box diagonal
     err = np.linalg.norm(lm[NON_IRIS, :2] - truth[NON_IRIS], axis=1)
     assert err.mean() < 0.03 * size, f"mean {err.mean():.1f} px, face {size:.0f} px"
+
+
+def test_scripted_performances_show_one_person_in_other_takes(assets, model):
+    cfg = ClipConfig(width=160, height=120, flat_background=GREY, expression_key_s=0.1)
+    takes = {p: render_clip(clip_rng(7, 2), assets, 31, replace(cfg, performance=p)) for p in ("neutral", "wink")}
+    neutral, wink = takes["neutral"], takes["wink"]
+    assert np.array_equal(neutral["identity"], wink["identity"])       # the same person, skin and light
+    assert np.array_equal(neutral["sh"], wink["sh"]) and neutral["albedo_seed"] == wink["albedo_seed"]
+    assert not np.allclose(neutral["rotation"], wink["rotation"])      # another take: other head motion
+    assert not np.any(neutral["expression"]) and not np.any(neutral["gaze_rad"])
+    names = model.expression_names
+    blink_l, blink_r = (wink["expression"][:, names.index(n)] for n in ("eyeBlink_L", "eyeBlink_R"))
+    # keys every 0.1 s at 30 frames/s: neutral, neutral, left, left, neutral, neutral, right, right, ...
+    assert blink_l[6:10].min() == 1.0 and blink_r[6:10].max() == 0.0
+    assert blink_r[18:22].min() == 1.0 and blink_l[18:22].max() == 0.0
+    others = np.delete(wink["expression"], [names.index("eyeBlink_L"), names.index("eyeBlink_R")], axis=1)
+    assert not np.any(others)
+    with pytest.raises(ValueError, match="unknown performance"):
+        render_clip(clip_rng(7, 2), assets, 2, replace(cfg, performance="dance"))

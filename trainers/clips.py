@@ -59,6 +59,11 @@ from trainers.synthesis import (N_IDENTITY, SUPERSAMPLE, BackgroundBank, Synthes
 #: Added to the user's seed: evaluation clips never share a generator with training samples.
 SEED_OFFSET = 1_000_000
 FORMATS = ("avi", "png", "mp4")
+#: What the face does: "random" (keys from synthesis.sample_expression), or a script for one person:
+#: "neutral" (a still, neutral face; only the head moves), "wink" (neutral, left wink, neutral, right wink).
+PERFORMANCES = ("random", "neutral", "wink")
+#: The wink script, one entry per expression key: "" neutral, else the eye (model suffix) that is shut.
+WINK_SCRIPT = ("", "", "_L", "_L", "", "", "_R", "_R", "", "")
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class ClipConfig:
     centre_range: float = 0.15         # face centre within ±this fraction of the frame around its middle
     real_background_probability: float = 0.5
     flat_background: tuple | None = None    # an sRGB colour in [0, 1] instead of a random background (tests)
+    performance: str = "random"             # PERFORMANCES: what the face does
 
 
 def smoothstep(x: np.ndarray) -> np.ndarray:
@@ -130,16 +136,35 @@ def _pose_keys(rng, cfg: ClipConfig, K: np.ndarray, lm_model: np.ndarray, n_keys
     return np.array(yprs), np.array(ts)
 
 
+def scripted_keys(performance: str, names, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """(expression keys (n_keys, M), gaze keys (n_keys, 2, 2) rad) of a scripted performance (PERFORMANCES)."""
+    exprs, gazes = np.zeros((n_keys, len(names))), np.zeros((n_keys, 2, 2))
+    if performance == "wink":
+        for k in range(n_keys):
+            eye = WINK_SCRIPT[k % len(WINK_SCRIPT)]
+            if eye:
+                exprs[k, names.index("eyeBlink" + eye)] = 1.0
+    elif performance != "neutral":
+        raise ValueError(f"unknown performance {performance!r} (choose from {', '.join(PERFORMANCES)})")
+    return exprs, gazes
+
+
 def sample_clip(rng: np.random.Generator, model: FaceModel, n_frames: int, cfg: ClipConfig) -> dict:
     """Who and what of one clip: identity (60,), expression (F, 53), gaze_rad (F, 2, 2), times (F,) s,
-    K (3, 3), sh (9, 3), albedo_seed; the pose is drawn later (it needs the person's landmarks)."""
+    K (3, 3), sh (9, 3), albedo_seed; the pose is drawn later (it needs the person's landmarks).
+
+    A scripted performance draws no expression from rng, so clip i of a set shows the same person
+    (identity, skin, light) whatever the performance."""
     names = model.expression_names
     dt = 1.0 / cfg.fps
     times = np.arange(n_frames) * dt
     duration = max(times[-1], dt)
     identity = np.clip(rng.normal(0.0, 1.0, N_IDENTITY), -3.0, 3.0).astype(np.float32)
     n_expr = int(np.ceil(duration / cfg.expression_key_s)) + 2
-    exprs, gazes = zip(*[sample_expression(rng, names)[:2] for _ in range(n_expr)])
+    if cfg.performance == "random":
+        exprs, gazes = zip(*[sample_expression(rng, names)[:2] for _ in range(n_expr)])
+    else:
+        exprs, gazes = scripted_keys(cfg.performance, names, n_expr)
     exprs = interpolate_keys(np.array(exprs, np.float64), cfg.expression_key_s, times)
     gazes = interpolate_keys(np.array(gazes, np.float64), cfg.expression_key_s, times)
     look = [names.index(n) for n in gaze_to_eye_look(np.zeros((2, 2)))]
@@ -160,6 +185,9 @@ def render_clip(rng: np.random.Generator, assets: SynthesisAssets, n_frames: int
     returns the ground truth dict (gt.npz fields, module docstring)."""
     model = assets.model
     gt = sample_clip(rng, model, n_frames, cfg)
+    if cfg.performance != "random":  # another take of the same person: its own head motion and background
+        rng = np.random.default_rng([*(int(v) for v in rng.integers(0, 2 ** 31, 2)),
+                                     PERFORMANCES.index(cfg.performance)])
     K = gt["K"]
     albedo, _ = vertex_albedo(assets, np.random.default_rng(int(gt["albedo_seed"])))
     neutral_face = posed_vertices(assets, gt["identity"], np.zeros(model.n_expression, np.float32),
@@ -310,10 +338,12 @@ def main(argv=None) -> int:
     ap.add_argument("--format", choices=FORMATS, default="avi",
                     help="avi: FFV1 lossless (default); png: one file per frame; mp4: mp4v, lossy (viewing)")
     ap.add_argument("--no-real-backgrounds", action="store_true", help="procedural backgrounds only")
+    ap.add_argument("--performance", choices=PERFORMANCES, default="random",
+                    help="random expressions (default), or a script for clip i's person: neutral, wink")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
     t0 = time.perf_counter()
-    cfg = ClipConfig(width=w, height=h, fps=args.fps)
+    cfg = ClipConfig(width=w, height=h, fps=args.fps, performance=args.performance)
     write_clips(args.out, args.clips, args.frames, args.seed, cfg, args.format, not args.no_real_backgrounds)
     print(f"{args.clips} clips x {args.frames} frames ({w}x{h}, {args.format}) in "
           f"{time.perf_counter() - t0:.1f} s -> {args.out}")
