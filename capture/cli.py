@@ -121,6 +121,9 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    "(default: engine/weights/coarsenet.onnx, shipped with capture)")
     p.add_argument("--no-small-faces", action="store_true",
                    help="skip the full-range detector that finds small, distant faces")
+    p.add_argument("--blink", choices=("lids", "fit"), default="lids",
+                   help="eyeBlink from: lids (default), MediaPipe's lid gap against the take's own open eye; "
+                   "fit, the engine's fitted weights (photos always use the fit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -253,6 +256,7 @@ def _load_capture(args, static: bool, raw: bool = False):
     settings = CaptureSettings(engine=args.engine, coarse_weights=weights, coarse_runtime=runtime,
                                focal_px=args.focal_px, filtering=not (raw or args.no_filter),
                                small_faces=not args.no_small_faces, static=static,
+                               lid_closure=args.blink == "lids",
                                actor=_load_actor(actor, model), auto_neutral=actor == "auto")
     return FaceCapture(model, LandmarkCorrespondence.load(), settings)
 

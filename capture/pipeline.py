@@ -34,8 +34,8 @@ from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points
 from engine.filters import OneEuroFilter
 from engine.fitting import FitSettings, LandmarkBasis, TakeFitter
-from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, eye_look_weights, gaze_angles, gaze_visibility,
-                         lid_aperture)
+from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, LidClosure, eye_look_weights, gaze_angles,
+                         gaze_visibility, lid_aperture)
 from engine.pose import (FRONTAL, default_camera_matrix, head_rotation, project, rodrigues, rotation_to_axis_angle,
                          yaw_pitch_roll)
 
@@ -62,6 +62,7 @@ class CaptureSettings:
     coarse_weights: Path | None = None
     coarse_runtime: str = "onnx"
     coarse_refine_iterations: int = 2   # Gauss-Newton steps on CoarseNet's head pose against the landmarks
+    lid_closure: bool = True            # eyeBlink from the lid gap (engine.gaze.LidClosure), not the fit
     focal_px: float | None = None
     filtering: bool = True
     small_faces: bool = True
@@ -130,6 +131,7 @@ class FaceCapture:
         self._arkit = model.arkit_mapping()
         self._look = {name: model.expression_names.index(name) for name in
                       eye_look_weights(np.zeros((2, 2)))}
+        self._blink = [model.expression_names.index(n) for n in ("eyeBlink_L", "eyeBlink_R")]  # gaze.py's eye order
         self._expression_2d = model.expression_modes.reshape(model.n_expression, -1)
         self.tracker = FaceTracker(static=self.settings.static, small_faces=self.settings.small_faces)
         # the vertices the eye model reads: both scleras and the iris landmarks' triangles
@@ -159,6 +161,8 @@ class FaceCapture:
         (an actor profile's identity is locked again)."""
         s = self.settings
         self._new_fitter()
+        # eye closure from the lids: the take learns its open eye (a photo has none to learn from)
+        self.lid_closure = LidClosure() if s.lid_closure and not s.static else None
         self.auto_neutral = None
         if s.actor is None and s.auto_neutral and not s.static:
             self.auto_neutral = AutoNeutral(self.model.expression_names)
@@ -227,11 +231,16 @@ class FaceCapture:
             return result
         gaze = {}
 
-        visible = np.array([[gaze_visibility(lid_aperture(landmarks, i))] for i in self.eyes.iris_landmark])
+        apertures = np.array([lid_aperture(landmarks, i) for i in self.eyes.iris_landmark])
+        visible = np.array([[gaze_visibility(a)] for a in apertures])
+        blink = self.lid_closure(apertures) if self.lid_closure is not None else None
 
         def pin(R, t):
             gaze["angles"] = gaze_angles(self.eyes, landmarks, R, t, K) * visible
-            return {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
+            pinned = {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
+            if blink is not None:
+                pinned.update(zip(self._blink, blink))
+            return pinned
 
         # on a photo, the optimiser alternates identity and expression over the passes; the network needs one
         passes = self.settings.photo_passes if self.settings.static and self._runtime is None else 1

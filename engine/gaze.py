@@ -127,3 +127,36 @@ def eye_look_weights(angles: np.ndarray) -> dict[str, float]:
         "eyeLookOut_L": h(yl), "eyeLookIn_L": h(-yl), "eyeLookDown_L": v(pl), "eyeLookUp_L": v(-pl),
         "eyeLookOut_R": h(-yr), "eyeLookIn_R": h(yr), "eyeLookDown_R": v(pr), "eyeLookUp_R": v(-pr),
     }
+
+
+#: Lid aperture (gap / width) of an open eye before a take has shown its own, and of a shut eye.
+DEFAULT_OPEN_APERTURE = 0.33
+SHUT_APERTURE = 0.06
+
+
+class LidClosure:
+    """eyeBlink per eye from MediaPipe's lid aperture, against the performer's own open eye.
+
+    The network reads closure off a 128 px crop and MediaPipe's landmarks; the lid gap is the
+    direct measurement (a wink the network reads as 0.2 shows a gap a sixth of the open
+    eye's). An eye's open aperture differs between people (0.3-0.45), so it is the median
+    aperture over the take's first `frames` frames (eyes are open most of the time; blinks
+    are short), re-estimated every `every` frames, then frozen; before `warm_up` frames
+    DEFAULT_OPEN_APERTURE stands in. blink = (open - aperture) / (open - SHUT_APERTURE) in [0, 1].
+    """
+
+    def __init__(self, frames: int = 300, every: int = 15, warm_up: int = 15):
+        self.frames, self.every, self.warm_up = frames, every, warm_up
+        self._seen = np.zeros((frames, 2))
+        self.count = 0
+        self.open_aperture = np.full(2, DEFAULT_OPEN_APERTURE)
+
+    def __call__(self, apertures: np.ndarray) -> np.ndarray:
+        """(2,) lid apertures (subject's left, right eye) -> (2,) eyeBlink weights in [0, 1]."""
+        a = np.asarray(apertures, np.float64)
+        if self.count < self.frames and np.isfinite(a).all():
+            self._seen[self.count] = a
+            self.count += 1
+            if self.count >= self.warm_up and (self.count % self.every == 0 or self.count == self.frames):
+                self.open_aperture = np.maximum(np.median(self._seen[:self.count], axis=0), 2 * SHUT_APERTURE)
+        return np.clip((self.open_aperture - a) / (self.open_aperture - SHUT_APERTURE), 0.0, 1.0)

@@ -427,12 +427,14 @@ def d18_takes(tmp_path_factory):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = cli.main(["calibrate", str(D18), "--out", str(profile), "--max-frames", str(D18_FRAMES // 2),
-                         "--quiet"])
+                         "--quiet", "--blink", "fit"])
     assert code == 0, err.getvalue()
     tracks = {}
     for mode, actor in (("profile", str(profile)), ("off", "off"), ("auto", None)):
         out = root / mode
-        argv = ["video", str(D18), "--out", str(out), "--mesh-format", "none", "--quiet"]
+        # the engine's own eyeBlink, whose false activations calibration exists for (the default
+        # reads blinks off the lid gap, test_blinks_from_the_lids_rest_on_a_quiet_face)
+        argv = ["video", str(D18), "--out", str(out), "--mesh-format", "none", "--quiet", "--blink", "fit"]
         with contextlib.redirect_stderr(io.StringIO()) as video_err:
             code = cli.main(argv + (["--actor", actor] if actor else []))
         assert code == 0, video_err.getvalue()
@@ -539,3 +541,20 @@ def test_stream_with_a_missing_profile_is_one_line(d18_takes, tmp_path, capsys):
     _, _, _, root = d18_takes
     code, err = _run(["stream", root / "off", "--to", "vmc://", "--actor", tmp_path / "nobody.toml"], capsys)
     _one_line_cli_error(code, err, "actor profile not found", "nobody.toml")
+
+
+@needs_media
+def test_blinks_from_the_lids_rest_on_a_quiet_face(d18_takes, names):
+    """The default eyeBlink (the lid gap against the take's open eye) rests near 0 where the
+    fit's own reads a false blink: the quiet frames of d18, raw (--actor off) both times."""
+    _, tracks, _, root = d18_takes
+    out = root / "lids"
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = cli.main(["video", str(D18), "--out", str(out), "--mesh-format", "none", "--quiet", "--actor", "off"])
+    assert code == 0, err.getvalue()
+    lids, fit = load_track(out / "track.npz"), tracks["off"]
+    look = gaze_shapes(names)
+    quiet = np.argsort(fit["expression"][:, ~look].sum(axis=1))[:D18_FRAMES // 4]
+    blinks = [ARKIT_NAMES.index(n) for n in ("eyeBlinkLeft", "eyeBlinkRight")]
+    assert np.median(fit["blendshapes"][quiet][:, blinks]) > 0.05          # the false activation
+    assert np.median(lids["blendshapes"][quiet][:, blinks]) < 0.02

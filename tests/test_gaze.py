@@ -8,7 +8,8 @@ import pytest
 
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import barycentric_points
-from engine.gaze import FULL_LOOK_PITCH, FULL_LOOK_YAW, IRIS_CENTRES, EyeModel, eye_look_weights, gaze_angles
+from engine.gaze import (DEFAULT_OPEN_APERTURE, FULL_LOOK_PITCH, FULL_LOOK_YAW, IRIS_CENTRES, SHUT_APERTURE, EyeModel,
+                         LidClosure, eye_look_weights, gaze_angles)
 from engine.pose import default_camera_matrix, euler_yxz, model_to_camera, project
 
 K = default_camera_matrix(640, 480)
@@ -190,3 +191,23 @@ def test_eye_look_weights_are_clipped_to_unit_range():
 def test_eye_look_weights_name_real_model_shapes(model):
     for name in eye_look_weights(np.zeros((2, 2))):
         assert name in model.expression_names
+
+
+def test_lid_closure_reads_a_wink_against_the_takes_own_open_eye():
+    closure = LidClosure(frames=60, every=15, warm_up=15)
+    first = closure(np.array([DEFAULT_OPEN_APERTURE, SHUT_APERTURE]))   # before the take shows its open eye
+    np.testing.assert_allclose(first, [0.0, 1.0])
+    rng = np.random.default_rng(0)
+    for _ in range(59):   # a performer whose open eyes read 0.42 / 0.38, with a few blinks
+        blink = rng.random() < 0.1
+        closure(np.array([0.42, 0.38]) * (0.2 if blink else 1.0) + rng.normal(0, 0.005, 2))
+    np.testing.assert_allclose(closure.open_aperture, [0.42, 0.38], atol=0.01)
+    assert closure.count == 60   # frozen from here: a long closed spell does not become the open eye
+    left_wink = closure(np.array([SHUT_APERTURE, 0.38]))
+    assert left_wink[0] == pytest.approx(1.0) and left_wink[1] < 0.05
+    half = closure(np.array([(0.42 + SHUT_APERTURE) / 2, 0.38]))[0]
+    assert half == pytest.approx(0.5, abs=0.03)
+    for _ in range(100):
+        closure(np.array([SHUT_APERTURE, SHUT_APERTURE]))
+    np.testing.assert_allclose(closure.open_aperture, [0.42, 0.38], atol=0.01)
+    assert np.all(closure(np.array([0.6, 0.6])) == 0.0)   # wider than open: not closed, never negative
