@@ -30,6 +30,7 @@ D18_FRAMES = 216
 needs_media = pytest.mark.skipif(not (D18.is_file() and D12.is_file() and DEFAULT_FACE_MODEL.is_file()),
                                  reason="shared videos or face model missing")
 ARKIT_LOOK = np.array([n.startswith("eyeLook") for n in ARKIT_NAMES])
+FALSE = 0.05   # a shape over this on a face at rest is a false activation
 
 
 @pytest.fixture(scope="module")
@@ -469,15 +470,17 @@ def test_a_profile_from_one_part_of_a_take_calibrates_all_of_it(d18_takes, names
     quiet = np.argsort(activity)[:D18_FRAMES // 4]
     shapes = {mode: t["blendshapes"][:, ~ARKIT_LOOK] for mode, t in tracks.items()}
     assert shapes["profile"][quiet].max() < 0.1, shapes["profile"][quiet].max(axis=0).round(2)
-    false_raw = int((shapes["off"][quiet] > 0.1).sum())
-    false_calibrated = int((shapes["profile"][quiet] > 0.1).sum())
+    # a false activation: over FALSE on a quiet frame (CoarseNet's stage-3 weights rest far lower on
+    # d18 than the stage-2 ones, whose test counted those over 0.1; none are left at 0.1)
+    false_raw = int((shapes["off"][quiet] > FALSE).sum())
+    false_calibrated = int((shapes["profile"][quiet] > FALSE).sum())
     assert false_raw > 20 and false_calibrated < false_raw / 4, (false_raw, false_calibrated)
     np.testing.assert_allclose(calibrated["identity_per_frame"], np.tile(profile.identity, (D18_FRAMES, 1)),
                                atol=1e-6)
     np.testing.assert_allclose(calibrated["expression"][:, ~look], raw["expression"][:, ~look], atol=1e-5)
     # auto (the default): after its 30-frame warm-up, also fewer false activations than raw
     late = quiet[quiet >= 30]
-    assert (shapes["auto"][late] > 0.1).sum() < (shapes["off"][late] > 0.1).sum() / 2
+    assert (shapes["auto"][late] > FALSE).sum() < (shapes["off"][late] > FALSE).sum() / 2
     assert shapes["auto"][late].mean() < shapes["off"][late].mean() / 2
 
 
@@ -509,7 +512,7 @@ def test_stream_re_maps_a_take_through_a_profile(d18_takes, names, model, capsys
     sent = np.array([np.frombuffer(p[-61 * 4:], ">f4")[:52] for p in packets])
     want = arkit_from_model(profile.apply(tracks["off"]["expression"].astype(np.float64)), model.arkit_mapping())
     np.testing.assert_allclose(sent, want, atol=1e-6)
-    assert np.abs(sent - tracks["off"]["blendshapes"]).max() > 0.1  # calibration changed them
+    assert np.abs(sent - tracks["off"]["blendshapes"]).max() > 0.03  # calibration changed them
     # gaze differs while the raw take's identity (and so its eyeballs) converges: compare the rest
     raw = recalibrate_track(tracks["profile"], model.arkit_mapping(), None)
     np.testing.assert_allclose(raw["blendshapes"][:, ~ARKIT_LOOK], tracks["off"]["blendshapes"][:, ~ARKIT_LOOK],
