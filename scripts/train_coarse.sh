@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce engine/weights/coarsenet.{pt,onnx} from nothing but ../shared (about 1.5 h on 2 cores):
-# synthetic data (MediaPipe-tracked), real frame pairs, stage 1 (synthetic), stage 2 (+ real frames).
+# synthetic data (MediaPipe-tracked), real frame pairs, stage 1 (synthetic), stage 2 (+ real frames),
+# stage 3 (L1 on the expression weights).
 # Every step skips work whose output exists, so a stopped run continues where it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +28,6 @@ stage() {  # config out
 }
 stage trainers/configs/coarse.toml runs/coarse_stage1
 stage trainers/configs/coarse_real.toml runs/coarse_stage2
-cp runs/coarse_stage2/coarsenet.pt runs/coarse_stage2/coarsenet.onnx engine/weights/
-echo "weights written to engine/weights/ (from runs/coarse_stage2)"
+stage trainers/configs/coarse_sparse.toml runs/coarse_stage3
+cp runs/coarse_stage3/coarsenet.pt runs/coarse_stage3/coarsenet.onnx engine/weights/
+echo "weights written to engine/weights/ (from runs/coarse_stage3)"
