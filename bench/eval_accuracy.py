@@ -33,7 +33,6 @@ the default calibration) on data that training never saw:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -49,9 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from eval_coarsenet import (DEFAULT_CACHE, VIDEOS, FaceRegion, geodesic_deg, run_take, score_real,  # noqa: E402
-                            stats)
-from eval_landmarks import DEFAULT_IMAGES, IMAGE_EXTS, nearest_mediapipe_to_ibug, read_annotation  # noqa: E402
+from eval_coarsenet import (DEFAULT_CACHE, VIDEOS, FaceRegion, geodesic_deg, run_take, save_json,  # noqa: E402
+                            score_real, stats)
+from eval_landmarks import (DEFAULT_IMAGES, annotated_photos, nearest_mediapipe_to_ibug, nme_percent,  # noqa: E402
+                            read_annotation)
 
 from capture.calibrate import calibrate_video  # noqa: E402
 from capture.pipeline import CaptureSettings, FaceCapture  # noqa: E402
@@ -98,12 +98,6 @@ def correlations(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
             continue
         out[name] = float(np.corrcoef(x, y)[0, 1]) if np.std(x) > 1e-9 else 0.0
     return out
-
-
-def ibug_nme_box(pred: np.ndarray, truth: np.ndarray) -> float:
-    """68-point mean error over sqrt(area of the annotation's bounding box), %."""
-    w, h = truth.max(axis=0) - truth.min(axis=0)
-    return float(np.linalg.norm(pred - truth, axis=1).mean() / np.sqrt(w * h) * 100.0)
 
 
 # ----------------------------------------------------------------------------- (a) exact-truth clips
@@ -190,10 +184,7 @@ def score_photos(capture: FaceCapture, images: Path, nearest: np.ndarray) -> dic
     import cv2
 
     rows = {}
-    for image_path in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS):
-        ann = next((image_path.with_suffix(s) for s in (".pts", ".ljson") if image_path.with_suffix(s).exists()), None)
-        if ann is None:
-            continue
+    for image_path, ann in annotated_photos(images):
         truth = read_annotation(ann)
         rgb = cv2.cvtColor(cv2.imread(str(image_path)), cv2.COLOR_BGR2RGB)
         capture.reset()
@@ -201,16 +192,12 @@ def score_photos(capture: FaceCapture, images: Path, nearest: np.ndarray) -> dic
         if not r.face_found:
             rows[image_path.name] = {"engine": float("nan"), "mediapipe": float("nan")}
             continue
-        rows[image_path.name] = {"engine": ibug_nme_box(r.landmarks68, truth),
-                                 "mediapipe": ibug_nme_box(r.landmarks[nearest, :2], truth)}
+        rows[image_path.name] = {"engine": nme_percent(r.landmarks68, truth, norm="box"),
+                                 "mediapipe": nme_percent(r.landmarks[nearest, :2], truth, norm="box")}
     return rows
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def med(s) -> str:
-    return "n/a" if not s or not s.get("n", 1) else f"{s['median']:.3f}"
 
 
 def print_report(res: dict) -> None:
@@ -350,10 +337,7 @@ def main(argv=None) -> int:
     res["runtime_s"], res["render_s"] = time.perf_counter() - t_start, render_s
     res["load_avg_1min"] = [load0, os.getloadavg()[0]]
     print_report(res)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
-        print(f"figures -> {args.json}")
+    save_json(res, args.json)
     return 0
 
 

@@ -293,6 +293,15 @@ def print_report(res: dict) -> None:
           f"{res['runtime_s']:.0f} s (clip rendering {res['render_s']:.0f} s)")
 
 
+def save_json(res: dict, path: Path | None) -> None:
+    """Every figure of a run to path as JSON (nothing when path is None)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    print(f"figures -> {path}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("coarse", "fit", "both"), default="both")
@@ -358,10 +367,7 @@ def main(argv=None) -> int:
     res["runtime_s"] = time.perf_counter() - t_start
     res["render_s"] = render_s
     print_report(res)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
-        print(f"figures -> {args.json}")
+    save_json(res, args.json)
     return 0
 
 
