@@ -110,6 +110,7 @@ def worker(args) -> int:
 
     from capture.pipeline import CaptureSettings, FaceCapture, run_take
     from capture.sources import VideoSource
+    from engine.coarse_fitting import runtime_for
     from engine.correspondence import LandmarkCorrespondence
     from engine.facemodel import FaceModel
 
@@ -118,7 +119,7 @@ def worker(args) -> int:
     # ---- 1. the pipeline, as `capture video` runs it -------------------------
     t_load = time.perf_counter()
     weights = Path(args.coarse_weights) if args.coarse_weights else None
-    runtime = "torch" if weights is not None and weights.suffix == ".pt" else "onnx"   # as `capture` picks it
+    runtime = runtime_for(weights)   # as `capture` picks it
     settings = CaptureSettings(engine=args.engine_one, coarse_weights=weights, coarse_runtime=runtime)
     capture = FaceCapture(FaceModel.load(None), LandmarkCorrespondence.load(), settings)
     result["load_s"] = time.perf_counter() - t_load

@@ -56,6 +56,7 @@ from eval_landmarks import (DEFAULT_IMAGES, annotated_photos, nearest_mediapipe_
 from capture.calibrate import calibrate_video  # noqa: E402
 from capture.pipeline import CaptureSettings, FaceCapture  # noqa: E402
 from engine.arkit import ARKIT_NAMES  # noqa: E402
+from engine.coarse_fitting import runtime_for  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
 from engine.facemodel import FaceModel  # noqa: E402
 from engine.pose import FRONTAL  # noqa: E402
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
            "clips": {}, "scripted": {}, "photos": {}, "real": {}}
     nearest = nearest_mediapipe_to_ibug(model, corr)
     for engine in engines:
-        runtime = "torch" if args.weights is not None and args.weights.suffix == ".pt" else "onnx"
+        runtime = runtime_for(args.weights)
 
         def capture_with(**changes) -> FaceCapture:
             return FaceCapture(model, corr, CaptureSettings(engine=engine, coarse_weights=args.weights,

@@ -50,6 +50,7 @@ from bench_filtering import jitter_per_frame  # noqa: E402
 
 from capture.pipeline import CaptureSettings, FaceCapture  # noqa: E402
 from capture.sources import VideoSource  # noqa: E402
+from engine.coarse_fitting import runtime_for  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
 from engine.facemodel import FACE_VERTICES, FaceModel  # noqa: E402
 from engine.gaze import IRIS_LANDMARKS  # noqa: E402
@@ -150,7 +151,7 @@ def run_take(capture: FaceCapture, media: Path, fps: float | None = None, max_fr
 
 def open_capture(model, corr, engine: str, filtering: bool, weights: Path | None) -> FaceCapture:
     """FaceCapture as `capture video --engine ENGINE [--coarse-weights W] [--no-filter]` builds it."""
-    runtime = "torch" if weights is not None and weights.suffix == ".pt" else "onnx"
+    runtime = runtime_for(weights)
     return FaceCapture(model, corr, CaptureSettings(engine=engine, coarse_weights=weights, coarse_runtime=runtime,
                                                     filtering=filtering))
 

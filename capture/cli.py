@@ -246,13 +246,14 @@ def _load_actor(actor: str, model):
 def _load_capture(args, static: bool, raw: bool = False):
     """FaceCapture as the options ask; raw: no filtering and no calibration (what calibrate measures)."""
     from capture.pipeline import CaptureSettings, FaceCapture
+    from engine.coarse_fitting import runtime_for
     from engine.correspondence import LandmarkCorrespondence
     from engine.facemodel import FaceModel
 
     model = FaceModel.load(args.face_model)
     actor = "off" if raw else args.actor
     weights = args.coarse_weights
-    runtime = "torch" if weights is not None and weights.suffix == ".pt" else "onnx"
+    runtime = runtime_for(weights)
     settings = CaptureSettings(engine=args.engine, coarse_weights=weights, coarse_runtime=runtime,
                                focal_px=args.focal_px, filtering=not (raw or args.no_filter),
                                small_faces=not args.no_small_faces, static=static,

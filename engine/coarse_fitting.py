@@ -34,6 +34,11 @@ class CoarseWeightsError(Exception):
     """CoarseNet weights missing or unreadable; the message is one line naming the file."""
 
 
+def runtime_for(weights: str | Path | None) -> str:
+    """The runtime a weights file runs on: "torch" for a .pt file, else "onnx" (the shipped default)."""
+    return "torch" if weights is not None and Path(weights).suffix == ".pt" else "onnx"
+
+
 def open_runtime(kind: str = "onnx", weights: str | Path | None = None) -> CoarseRuntime:
     """The CoarseNet runtime `kind` ("onnx": ONNX Runtime, one thread, no spinning; "torch")
     on `weights` (None: the file shipped in engine/weights/ for that runtime)."""

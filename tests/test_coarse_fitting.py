@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.coarse_fitting import DEFAULT_WEIGHTS, CoarseFitter, CoarseWeightsError, open_runtime
+from engine.coarse_fitting import DEFAULT_WEIGHTS, CoarseFitter, CoarseWeightsError, open_runtime, runtime_for
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import DEFAULT_FACE_MODEL
 from engine.fitting import LandmarkBasis, landmark_rms_px, linearise
@@ -205,3 +205,8 @@ def test_pose_refinement_moves_only_the_pose_towards_the_landmarks(runtimes, bas
         assert not np.allclose(a.rotation, b.rotation)
         assert objective(lm, b) < objective(lm, a)
         np.testing.assert_allclose(b.rotation @ b.rotation.T, np.eye(3), atol=1e-5)   # float32 from the net
+
+
+def test_the_weights_file_picks_the_runtime():
+    assert runtime_for(None) == "onnx" and runtime_for(DEFAULT_WEIGHTS["onnx"]) == "onnx"
+    assert runtime_for("runs/x/coarsenet.pt") == "torch" and runtime_for(Path("a.pt")) == "torch"
