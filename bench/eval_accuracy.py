@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from eval_coarsenet import (DEFAULT_CACHE, VIDEOS, FaceRegion, geodesic_deg, run_take, save_json,  # noqa: E402
-                            score_real, stats)
+from eval_coarsenet import (DEFAULT_CACHE, VIDEOS, FaceRegion, ensure_clips, geodesic_deg, run_take,  # noqa: E402
+                            save_json, score_real, stats)
 from eval_landmarks import (DEFAULT_IMAGES, annotated_photos, nearest_mediapipe_to_ibug, nme_percent,  # noqa: E402
                             read_annotation)
 
@@ -60,7 +60,7 @@ from engine.coarse_fitting import runtime_for  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
 from engine.facemodel import FaceModel  # noqa: E402
 from engine.pose import FRONTAL  # noqa: E402
-from trainers.clips import ClipConfig, clip_media, load_gt, write_clips  # noqa: E402
+from trainers.clips import ClipConfig, clip_media, load_gt  # noqa: E402
 
 ENGINES = ("coarse", "fit")
 #: The shapes blendshape MAE is taken over: not eyeLook* (gaze) nor tongueOut (no model shape).
@@ -102,17 +102,6 @@ def correlations(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- (a) exact-truth clips
-
-
-def clip_set(cache: Path, n_clips: int, n_frames: int, seed: int, cfg: ClipConfig, model, corr) -> list[Path]:
-    """Clip folders of one set, rendered once and cached (the performance is part of the folder name)."""
-    folder = cache / f"{cfg.performance}-seed{seed}-{n_clips}x{n_frames}-{cfg.width}x{cfg.height}"
-    clips = [folder / f"clip-{i:03d}" for i in range(n_clips)]
-    if all((c / "gt.npz").is_file() for c in clips):
-        return clips
-    print(f"eval: rendering {n_clips} {cfg.performance} clips x {n_frames} frames into {folder} (once; cached)",
-          file=sys.stderr)
-    return write_clips(folder, n_clips, n_frames, seed, cfg, "avi", True, True, model, corr)
 
 
 def score_clips(takes: list, gts: list, region: FaceRegion) -> dict:
@@ -220,8 +209,9 @@ def print_report(res: dict) -> None:
                      f"mean face + zero expression: {res['mean_face_mm']:.2f} (target <= 2.5)"))
     for eng, b in res["scripted"].items():
         for cal, s in b.items():
+            worst = ", ".join(f"{k} {v:.2f}" for k, v in s["worst"].items())
             rows.append((f"(b) neutral face, largest shape, {cal}", eng, s["neutral_max"]["median"],
-                         f"p95 {s['neutral_max']['p95']:.3f}; worst {', '.join(f'{k} {v:.2f}' for k, v in s['worst'].items())}"
+                         f"p95 {s['neutral_max']['p95']:.3f}; worst {worst}"
                          + (" (target < 0.1)" if cal == "profile" else "")))
             rows.append((f"(b) wink: open eye's blink / shut eye's, {cal}", eng, s["open"]["median"],
                          f"shut {s['shut']['median']:.3f} (target open < 0.2, shut > 0.8)"))
@@ -268,9 +258,10 @@ def main(argv=None) -> int:
     region = FaceRegion(model)
 
     t0 = time.perf_counter()
-    clips = clip_set(args.cache, args.clips, args.frames, args.seed, ClipConfig(), model, corr) if args.clips else []
+    clips = ensure_clips(args.cache, args.clips, args.frames, args.seed, ClipConfig(), model, corr) \
+        if args.clips else []
     gts = [load_gt(c) for c in clips]
-    people = {p: clip_set(args.cache, args.people, n, args.seed, ClipConfig(performance=p), model, corr)
+    people = {p: ensure_clips(args.cache, args.people, n, args.seed, ClipConfig(performance=p), model, corr)
               for p, n in (("neutral", 60), ("wink", 150))} if args.people else {}
     people_gt = {p: [load_gt(c) for c in v] for p, v in people.items()}
     render_s = time.perf_counter() - t0

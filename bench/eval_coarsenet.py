@@ -168,11 +168,13 @@ def timing_stats(takes: list) -> dict:
 
 def ensure_clips(cache: Path, n_clips: int, n_frames: int, seed: int, cfg: ClipConfig, model, corr) -> list[Path]:
     """The clip folders of set (seed, n_clips, n_frames, size) under cache, rendered when absent."""
-    folder = cache / f"seed{seed}-{n_clips}x{n_frames}-{cfg.width}x{cfg.height}"
+    script = "" if cfg.performance == "random" else f"{cfg.performance}-"   # scripted takes apart
+    folder = cache / f"{script}seed{seed}-{n_clips}x{n_frames}-{cfg.width}x{cfg.height}"
     clips = [folder / f"clip-{i:03d}" for i in range(n_clips)]
     if all((c / "gt.npz").is_file() for c in clips):
         return clips
-    print(f"eval: rendering {n_clips} clips x {n_frames} frames into {folder} (once; cached)", file=sys.stderr)
+    print(f"eval: rendering {n_clips} {script}clips x {n_frames} frames into {folder} (once; cached)",
+          file=sys.stderr)
     return write_clips(folder, n_clips, n_frames, seed, cfg, "avi", True, True, model, corr)
 
 
