@@ -61,7 +61,8 @@ class CaptureSettings:
     engine: str = "coarse"
     coarse_weights: Path | None = None
     coarse_runtime: str = "onnx"
-    coarse_refine_iterations: int = 2   # Gauss-Newton steps on CoarseNet's head pose against the landmarks
+    coarse_refine_iterations: int = 1   # Gauss-Newton steps on CoarseNet's head pose against the landmarks
+    photo_refine_iterations: int = 4    # the same for a photo: no time limit, no previous frame
     lid_closure: bool = True            # eyeBlink from the lid gap (engine.gaze.LidClosure), not the fit
     focal_px: float | None = None
     filtering: bool = True
@@ -178,7 +179,7 @@ class FaceCapture:
         identity = s.actor.identity if s.actor is not None else None  # locked from the first frame
         if self._runtime is not None:  # a photo's identity is its own network output
             self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames, identity,
-                                       s.coarse_refine_iterations)
+                                       s.photo_refine_iterations if s.static else s.coarse_refine_iterations)
             return
         if s.static:  # one photo's passes see the same landmarks: its prior must not weaken with them
             fit = FitSettings(identity_frames=s.photo_passes, identity_prior_joint=s.photo_identity_prior)

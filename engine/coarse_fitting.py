@@ -75,7 +75,7 @@ class CoarseFitter:
     """
 
     def __init__(self, basis: LandmarkBasis, runtime: CoarseRuntime, identity_frames: int = 40,
-                 identity: np.ndarray | None = None, refine_iterations: int = 2):
+                 identity: np.ndarray | None = None, refine_iterations: int = 1):
         self.basis = basis
         self.runtime = runtime
         self.refine_iterations = max(0, int(refine_iterations))
