@@ -1,14 +1,16 @@
 """Frame sources: one interface over video files, image lists and live cameras.
 
 Everything downstream consumes `Frame`s in order and never touches OpenCV
-capture objects, so decode errors, colour order (RGB, not OpenCV's BGR) and
-timing are settled here once.  `FrameReader` moves decoding onto a background
-thread so capture overlaps with tracking.
+capture objects, so decode errors, colour order (RGB, not OpenCV's BGR),
+orientation (a phone video's rotation metadata) and timing are settled here
+once.  `FrameReader` moves decoding onto a background thread so capture
+overlaps with tracking.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import struct
 import threading
 import time
@@ -18,6 +20,10 @@ from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
+
+# FFmpeg prints lines of its own for every damaged packet of a corrupt video; VideoSource skips those
+# frames and counts them instead (read once, when OpenCV first opens a video with FFmpeg).
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 
 @dataclass
@@ -30,6 +36,9 @@ class Frame:
     name: str  # file path for images, "" for video/camera frames
     decode_s: float = 0.0  # seconds spent reading + decoding this frame
     captured_s: float = field(default_factory=time.perf_counter)  # perf_counter when it left the source
+    # presentation times (s) of the source's undecodable frames just before this one, which were
+    # skipped: they are the indices index - len(skipped_s) ... index - 1
+    skipped_s: tuple[float, ...] = ()
 
 
 class SourceError(Exception):
@@ -156,11 +165,19 @@ class FrameSource:
         self.close()
 
 
-class _Capture:
-    """Shared cv2.VideoCapture handling for files and cameras: timed RGB reads."""
+#: cv2.rotate codes that turn a frame upright, by the container's rotation (degrees clockwise).
+_UPRIGHT = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}
 
-    def __init__(self, cap: cv2.VideoCapture):
+
+class _Capture:
+    """Shared cv2.VideoCapture handling for files and cameras: timed RGB reads.
+
+    rotate: a cv2.rotate code applied to every frame (None: frames as decoded).
+    """
+
+    def __init__(self, cap: cv2.VideoCapture, rotate: int | None = None):
         self.cap = cap
+        self.rotate = rotate
 
     def read(self) -> tuple[np.ndarray | None, float]:
         """Return (RGB image or None at end/failure, seconds spent)."""
@@ -171,27 +188,63 @@ class _Capture:
             ok, bgr = False, None
         if not ok or bgr is None:
             return None, time.perf_counter() - start_s
+        if self.rotate is not None:
+            bgr = cv2.rotate(bgr, self.rotate)
         rgb = _bgr_to_rgb(bgr)
         return rgb, time.perf_counter() - start_s
+
+    def position_s(self) -> float | None:
+        """Presentation time of the frame last read, seconds from the stream's start (None: unknown)."""
+        value = self.cap.get(cv2.CAP_PROP_POS_MSEC)
+        return value / 1000.0 if value == value and value >= 0 else None
 
     def release(self) -> None:
         self.cap.release()
 
 
+def _orient(cap: cv2.VideoCapture) -> tuple[int, int | None]:
+    """Turn a video's frames upright by its container's rotation (an MP4/MOV's display matrix,
+    as phones write for portrait video). Returns (rotation in degrees clockwise, a cv2.rotate
+    code still to apply to each frame, or None).
+
+    OpenCV reads the rotation (CAP_PROP_ORIENTATION_META) but, in the 4.11 wheels, applies it
+    only when asked (CAP_PROP_ORIENTATION_AUTO, off by default); a backend that refuses the
+    request leaves the turn to the caller.
+    """
+    degrees = cap.get(cv2.CAP_PROP_ORIENTATION_META)
+    degrees = int(round(degrees)) % 360 if degrees == degrees else 0
+    if degrees not in _UPRIGHT:
+        return 0, None
+    if cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1) and cap.get(cv2.CAP_PROP_ORIENTATION_AUTO) == 1:
+        return degrees, None
+    return degrees, _UPRIGHT[degrees]
+
+
 class VideoSource(FrameSource):
-    """A video file, decoded sequentially.
+    """A video file, decoded sequentially, upright (the container's rotation applied).
 
     The first frame is decoded at construction so an unreadable file fails
-    early.  If decoding stops well before the container's frame count, every
-    decodable frame is yielded and then SourceError('video truncated: ...').
+    early.  A frame that cannot be decoded (corrupt bytes) is skipped and
+    reading goes on; the next frame that decodes carries the skipped frames'
+    times (Frame.skipped_s) and keeps its own index in the source, and
+    .skipped counts them.  Once a read has failed, indices follow the
+    frames' presentation times, because a damaged stream also loses frames
+    inside the decoder without a failed read.  Reading stops at the real
+    end: after as many failed reads in a row as the container has frames
+    left (or max_failed_reads when it does not say).  If that end comes well
+    before the container's frame count, every decodable frame is yielded and
+    then SourceError('video truncated: ...').
     """
 
     frame_count_tolerance = 2  # frames; CAP_PROP_FRAME_COUNT is sometimes approximate
+    max_failed_reads = 250  # failed reads in a row that end a video whose frame count is unknown
 
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.live = False
         self._closed = False
+        self.rotation_deg = 0  # the container's rotation, degrees clockwise, applied to every frame
+        self.skipped = 0  # undecodable frames skipped so far (this pass)
         self._capture, self._first, self._first_decode_s = self._open()
         cap = self._capture.cap
         self.fps = _valid_rate(cap.get(cv2.CAP_PROP_FPS))
@@ -214,6 +267,7 @@ class VideoSource(FrameSource):
         if not capture.cap.isOpened():
             capture.release()
             raise SourceError(f"not a readable video: {self.path}")
+        self.rotation_deg, capture.rotate = _orient(capture.cap)
         first, decode_s = capture.read()
         if first is None:
             capture.release()
@@ -226,6 +280,40 @@ class VideoSource(FrameSource):
             return index / self.fps
         return capture.cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
 
+    def _read_decodable(self, capture: _Capture, last: int, damaged: bool
+                        ) -> tuple[np.ndarray | None, float, int, bool]:
+        """The next frame that decodes after index `last`: (RGB or None at the end, seconds spent
+        reading, its index, whether the stream has been damaged so far)."""
+        spent_s, failed = 0.0, 0
+        while True:
+            left = (self.frame_count + self.frame_count_tolerance - last - 1
+                    if self.frame_count is not None else self.max_failed_reads)
+            if failed >= max(left, 1):
+                return None, spent_s, last, damaged
+            image, decode_s = capture.read()
+            spent_s += decode_s
+            if image is None:
+                failed += 1
+                damaged = True
+                continue
+            index = last + 1 + failed
+            position_s = capture.position_s() if damaged and self.fps is not None else None
+            if position_s is not None:
+                by_time = int(round(position_s * self.fps))
+                if by_time <= last:
+                    continue  # a confused decoder showing an earlier frame again
+                if self.frame_count is None or by_time < self.frame_count + self.frame_count_tolerance:
+                    index = by_time
+            return image, spent_s, index, damaged
+
+    def _skipped_times_s(self, last: int, last_s: float, index: int, time_s: float) -> tuple[float, ...]:
+        """Times of the frames between index `last` (at last_s) and `index` (at time_s): i / fps,
+        or evenly spaced between the two when the rate is unknown."""
+        if self.fps is not None:
+            return tuple(i / self.fps for i in range(last + 1, index))
+        step_s = (time_s - last_s) / (index - last)
+        return tuple(last_s + step_s * (i - last) for i in range(last + 1, index))
+
     def __iter__(self) -> Iterator[Frame]:
         if self._closed:
             raise SourceError(f"video already closed: {self.path}")
@@ -234,20 +322,25 @@ class VideoSource(FrameSource):
         capture = self._capture
         image, decode_s = self._first, self._first_decode_s
         self._first = None
-        index = 0
+        self.skipped = 0
+        index, last, last_s, damaged, decoded = 0, -1, 0.0, False, 0
         try:
             while image is not None:
-                yield Frame(index, self._time_s(capture, index), image, "", decode_s)
-                index += 1
-                image, decode_s = capture.read()
+                time_s = self._time_s(capture, index)
+                skipped_s = self._skipped_times_s(last, last_s, index, time_s)
+                self.skipped += len(skipped_s)
+                decoded += 1
+                yield Frame(index, time_s, image, "", decode_s, skipped_s=skipped_s)
+                last, last_s = index, time_s
+                image, decode_s, index, damaged = self._read_decodable(capture, last, damaged)
         finally:
             capture.release()
             if self._capture is capture:
                 self._capture = None
         expected = self.frame_count
-        if expected is not None and index < expected - self.frame_count_tolerance:
+        if expected is not None and last + 1 < expected - self.frame_count_tolerance:
             raise SourceError(
-                f"video truncated: decoded {index} of {expected} frames of {self.path}"
+                f"video truncated: decoded {decoded} of {expected} frames of {self.path}"
             )
 
     def close(self) -> None:

@@ -86,6 +86,8 @@ def test_video_frames_order_size_rgb_fps(mp4_path: Path) -> None:
         assert frame.time_s == pytest.approx(frame.index / 20.0)
         assert frame.name == ""
         assert frame.decode_s >= 0.0
+        assert frame.skipped_s == ()
+    assert source.skipped == 0 and source.rotation_deg == 0
     red_area = frames[0].image[40:60, 10:50].reshape(-1, 3).mean(axis=0)
     assert red_area[0] > 200 and red_area[1] < 50 and red_area[2] < 50  # RGB, not BGR
 
@@ -183,6 +185,71 @@ def test_edit_list_trimmed_mp4_is_not_truncated() -> None:
         assert source.frame_count == 55
         frames = sum(1 for _ in source)  # must not raise 'video truncated'
     assert frames == 55
+
+
+def test_video_corrupt_middle_skips_undecodable_frames(corrupt_d12: Path) -> None:
+    """16 KiB of garbage in the middle of d12 (183 frames): OpenCV's read() stops at frame 61
+    (the fixture checks it); the source skips what does not decode and reads on to the end, each
+    frame at its own index and time, the skipped ones' times carried by the next frame."""
+    with VideoSource(VIDEOS / "d12.mp4") as clean:
+        originals = [f.image for f in clean]
+    assert len(originals) == 183
+    with VideoSource(corrupt_d12) as source:
+        frames = list(source)  # no 'video truncated': the damage is not the end
+    indices = [f.index for f in frames]
+    assert indices[-1] == 182 and indices == sorted(set(indices))
+    assert len(frames) < 183 and source.skipped == 183 - len(frames)  # measured: 177 decode, 6 skipped
+    assert len(frames) > 150
+    for previous, frame in zip([-1] + indices, frames):
+        assert frame.time_s == pytest.approx(frame.index / 25.0)
+        assert frame.skipped_s == pytest.approx([i / 25.0 for i in range(previous + 1, frame.index)])
+    # frames keep their place: before the damage and from the next key frame on (164), each is the
+    # undamaged video's frame of the same index, pixel for pixel (in between, the decoder conceals)
+    exact = [f for f in frames if f.index < 61 or f.index >= 164]
+    assert len(exact) == 61 + 19
+    for frame in exact:
+        assert np.abs(frame.image.astype(np.int16) - originals[frame.index]).mean() < 0.01, frame.index
+
+
+def _quadrant_picture(width_px: int, height_px: int) -> np.ndarray:
+    """BGR: a red block in the top-left quarter of a black picture, so any turn or flip shows."""
+    image = np.zeros((height_px, width_px, 3), np.uint8)
+    image[: height_px // 2, : width_px // 2] = RED_BGR
+    return image
+
+
+def _red_centre(rgb: np.ndarray) -> tuple[float, float]:
+    """Where the red block sits, as fractions of the width and height."""
+    ys, xs = np.nonzero((rgb[..., 0] > 128) & (rgb[..., 2] < 100))
+    return xs.mean() / rgb.shape[1], ys.mean() / rgb.shape[0]
+
+
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_video_rotation_metadata_is_applied(degrees: int, tmp_path: Path, rotated_mp4) -> None:
+    """A phone's portrait video: pictures stored turned, with a display matrix to turn them back.
+    OpenCV reads the matrix but by default hands the pictures out as stored."""
+    upright = [_quadrant_picture(48, 64)] * 6  # portrait, 48 wide, 64 high
+    path = rotated_mp4(upright, tmp_path / f"portrait{degrees}.mp4", 20.0, degrees)
+    cap = cv2.VideoCapture(str(path))
+    assert cap.get(cv2.CAP_PROP_ORIENTATION_META) == degrees
+    ok, stored = cap.read()
+    cap.release()
+    assert ok and _red_centre(stored[..., ::-1]) != pytest.approx((0.25, 0.25), abs=0.05)  # not upright as stored
+    with VideoSource(path) as source:
+        assert source.rotation_deg == degrees
+        assert source.size == (48, 64)
+        frames = list(source)
+    assert len(frames) == 6
+    for frame in frames:
+        assert frame.image.shape == (64, 48, 3)
+        assert _red_centre(frame.image) == pytest.approx((0.25, 0.25), abs=0.05)
+
+
+def test_video_without_rotation_metadata_is_as_stored(tmp_path: Path, rotated_mp4) -> None:
+    path = rotated_mp4([_quadrant_picture(64, 48)] * 3, tmp_path / "landscape.mp4", 20.0, 0)
+    with VideoSource(path) as source:
+        assert source.rotation_deg == 0 and source.size == (64, 48)
+        assert _red_centre(next(iter(source)).image) == pytest.approx((0.25, 0.25), abs=0.05)
 
 
 def test_mp4_duration_helper(mp4_path: Path, avi_path: Path, tmp_path: Path) -> None:
