@@ -249,6 +249,9 @@ def recalibrate_track(track: dict, mapping: np.ndarray, profile: ActorProfile | 
     if "expression" not in track:
         raise CalibrationError("the take has no expression weights to calibrate (recorded by an older capture)")
     expression = track["expression"].astype(np.float64)
+    if expression.shape[1] != mapping.shape[1]:
+        raise CalibrationError(f"the take has {expression.shape[1]} expression weights, the face model "
+                               f"{mapping.shape[1]}: use the model the take was made with")
     found = track["face_found"]
     weights = expression[found] if profile is None else profile.apply(expression[found])
     blendshapes = np.array(track["blendshapes"], dtype=np.float32)

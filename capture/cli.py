@@ -21,10 +21,13 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from capture.console import NativeStderrFilter  # noqa: E402
+from capture.console import NativeStderrFilter, reopen_closed_std_streams, silence_std_streams  # noqa: E402
+from capture.take_folder import TakeLock  # noqa: E402
 
 OUTPUTS_HELP = """\
 outputs (in --out DIR):
@@ -34,6 +37,9 @@ outputs (in --out DIR):
                     coordinates in centimetres: x right, y down, z forward)
   track.npz         every frame: face_found, blendshapes, expression, identity, rotation,
                     translation, eyes_ypr_rad, camera_matrix, landmarks68, image_size, fps (see README)
+  .capture.lock     held while a capture writes the folder: a second capture into it is refused
+On a full disk capture stops and keeps the frames every file holds; Ctrl-C and SIGTERM
+stop with the files finished and saved (README.md, When something goes wrong).
 """
 
 STREAM_HELP = """\
@@ -279,12 +285,13 @@ def cmd_video(args) -> int:
     source = VideoSource(args.input)
     out = args.out or _default_out(args.input)
     try:
-        capture = _load_capture(args, static=False)
-        try:
-            summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
-                               max_frames=args.max_frames)
-        finally:
-            capture.close()
+        with TakeLock(out):  # the output place is checked before the engine loads
+            capture = _load_capture(args, static=False)
+            try:
+                summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
+                                   max_frames=args.max_frames)
+            finally:
+                capture.close()
     finally:
         source.close()
     _report(summary, out)
@@ -297,11 +304,12 @@ def cmd_image(args) -> int:
 
     source = ImageSource(args.input)
     out = args.out or _default_out(args.input[0])
-    capture = _load_capture(args, static=True)
-    try:
-        summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet)
-    finally:
-        capture.close()
+    with TakeLock(out):
+        capture = _load_capture(args, static=True)
+        try:
+            summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet)
+        finally:
+            capture.close()
     _report(summary, out)
     if summary.frames_without_face:
         missing = summary.frames_without_face
@@ -338,9 +346,10 @@ def cmd_live(args) -> int:
 
     if args.preview:
         check_display()
-    hub = _open_streams(args)
-    source = None
+    lock = TakeLock(args.out) if args.out is not None else None
+    hub = source = None
     try:
+        hub = _open_streams(args)
         source = CameraSource(args.camera, args.width, args.height)
         capture = _load_capture(args, static=False)
     except BaseException:
@@ -348,6 +357,8 @@ def cmd_live(args) -> int:
             source.close()
         if hub is not None:
             hub.close()
+        if lock is not None:
+            lock.release()
         raise
     preview = Preview(capture, f"capture: camera {args.camera}") if args.preview else None
     try:
@@ -363,26 +374,22 @@ def cmd_live(args) -> int:
             hub.close()
         capture.close()
         source.close()
+        if lock is not None:
+            lock.release()
     if summary is not None:
         _report(summary, args.out)
     return 0
 
 
 def _load_take(path: Path) -> tuple[dict, Path]:
-    """A take folder or its track.npz -> (arrays, folder); one-line errors for bad input."""
-    from capture.sinks import load_track
+    """A take folder or its track.npz -> (arrays, folder), read safely and validated
+    (capture.takes: a TakeError is one line)."""
+    from capture.takes import load_take
 
     track_path = path / "track.npz" if path.is_dir() else path
     if not track_path.is_file():
         raise CaptureError(f"no track.npz in {path}" if path.is_dir() else f"no such take: {path}")
-    try:
-        track = load_track(track_path)
-    except Exception as exc:  # noqa: BLE001 - zip, pickle and format errors all mean "not a track"
-        raise CaptureError(f"cannot read {track_path}: {exc}") from None
-    missing = {"frame_index", "time_s", "face_found", "blendshapes", "rotation", "translation"} - set(track)
-    if missing:
-        raise CaptureError(f"{track_path} is not a capture track (missing {', '.join(sorted(missing))})")
-    return track, track_path.parent
+    return load_take(track_path), track_path.parent
 
 
 def cmd_stream(args) -> int:
@@ -427,8 +434,6 @@ def cmd_calibrate(args) -> int:
 
     if (args.input is None) == (args.camera is None):
         raise CaptureError("give a VIDEO or --camera N to calibrate on (one of them)")
-    if not args.neutral_s > 0 or not args.step_s > 0:
-        raise CaptureError("--neutral-s and --step-s must be > 0")
     if args.out.is_dir():
         raise CaptureError(f"--out {args.out} is a folder; give the profile's file name, e.g. actor.toml")
     if not args.out.parent.is_dir():
@@ -517,6 +522,8 @@ def cmd_export(args) -> int:
     if not track["face_found"].any():
         raise CaptureError(f"{args.take} has no frame with a face: nothing to export")
     out = args.out or folder / "take.glb"
+    if out.is_dir():
+        raise CaptureError(f"--out {out} is a folder: give the .glb file's name")
     model = FaceModel.load(args.face_model)
     with tqdm(unit="step", desc="exporting", disable=args.quiet, dynamic_ncols=True) as bar:
         def progress(done, total):
@@ -527,15 +534,22 @@ def cmd_export(args) -> int:
             path = export_gltf(track, model, out, progress=progress)
         except GltfExportError as exc:
             raise CaptureError(str(exc)) from None
+        except OSError as exc:  # the .glb is written whole or not at all
+            from capture.take_folder import reason
+
+            raise CaptureError(f"cannot write {out}: {reason(exc)}") from None
     print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0
 
 
 def cmd_train(args) -> int:
     """Hands the rest of the command line to the trainer, which owns its options."""
-    from trainers.train_coarse import main as train_coarse
+    from trainers.train_coarse import ConfigError, main as train_coarse
 
-    return train_coarse(args.trainer_argv, prog="capture train coarse")
+    try:
+        return train_coarse(args.trainer_argv, prog="capture train coarse")
+    except ConfigError as exc:
+        raise CaptureError(str(exc)) from None
 
 
 def cmd_model_import(args) -> int:
@@ -558,6 +572,7 @@ def cmd_model_import(args) -> int:
 
 
 def main(argv=None) -> int:
+    reopen_closed_std_streams()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
@@ -572,21 +587,69 @@ def main(argv=None) -> int:
     from engine.coarse_fitting import CoarseWeightsError
     from engine.calibration import CalibrationError
 
+    from capture.take_folder import OutputError
+    from capture.takes import TakeError
+
     handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live, "stream": cmd_stream,
                 "calibrate": cmd_calibrate, "export": cmd_export, "train": cmd_train}
     handler = cmd_model_import if args.command == "model" else handlers[args.command]
+    previous_sigterm = _stop_on_sigterm()
     try:
-        with NativeStderrFilter():
-            return handler(args)
-    except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, StreamError,
-            CoarseWeightsError, CalibrationError, FileNotFoundError,
-            PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"capture: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # outputs are closed on the way out: what was written stays valid
-        print("capture: interrupted", file=sys.stderr)
-        return 130
+        try:
+            _check_numbers(args)
+            with NativeStderrFilter():
+                return handler(args)
+        except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, StreamError,
+                CoarseWeightsError, CalibrationError, OutputError, TakeError, FileNotFoundError,
+                PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"capture: error: {message}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: outputs are finished on the way out
+            if previous_sigterm is not None and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+                print("capture: terminated", file=sys.stderr)
+                return 128 + signal.SIGTERM
+            print("capture: interrupted", file=sys.stderr)
+            return 130
+    except BrokenPipeError:  # the reader of stdout/stderr left (`| head`): files are finished; end quietly
+        silence_std_streams()
+        return 128 + signal.SIGPIPE
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _stop_on_sigterm():
+    """Makes SIGTERM stop the command as Ctrl-C does (KeyboardInterrupt in the main thread,
+    so every take is finished and saved). Once: further SIGTERMs, while the files are being
+    finished, are ignored (SIGKILL still ends at once), which also tells main which signal
+    it was. Returns the previous handler, or None where none can be set (not the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+#: Numeric options that must be finite and > 0 (flag, dest); whole numbers come typed as int.
+POSITIVE_OPTIONS = (("--max-frames", "max_frames"), ("--focal-px", "focal_px"), ("--stream-fps", "stream_fps"),
+                    ("--speed", "speed"), ("--neutral-s", "neutral_s"), ("--step-s", "step_s"),
+                    ("--width", "width"), ("--height", "height"))
+
+
+def _check_numbers(args) -> None:
+    """One line for a count, size, rate or length that is 0, negative, NaN or infinite."""
+    for flag, dest in POSITIVE_OPTIONS:
+        value = getattr(args, dest, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise CaptureError(f"{flag} must be > 0 and finite, got {value}")
+    if getattr(args, "camera", None) is not None and args.camera < 0:
+        raise CaptureError(f"--camera must be 0 or more, got {args.camera}")
 
 
 if __name__ == "__main__":

@@ -376,8 +376,15 @@ def export_gltf(track: dict, model: FaceModel, out_path, progress: Progress | No
     out_path = Path(out_path)
     data = b.glb(gltf)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, out_path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out_path)
+    except BaseException:  # a full disk, a folder in the way, Ctrl-C: no half file left behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
     report(total, total)
     return out_path

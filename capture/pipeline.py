@@ -25,6 +25,7 @@ import numpy as np
 from capture.sinks import BackgroundMeshWriter, LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
 from capture.sources import FrameReader, FrameSource
 from capture.streams import StreamHub, stream_frame
+from capture.take_folder import OutputError, cut_back, reason
 from capture.tracking import FaceTracker
 from engine.arkit import arkit_from_model
 from engine.calibration import ActorProfile, AutoNeutral
@@ -290,6 +291,8 @@ class TakeWriter:
 
     Every file is valid after every frame (rows flushed, meshes renamed into
     place, track.npz checkpointed), so an error midway loses nothing written.
+    A write that fails (a full disk) is kept in `failure`; `close` then cuts
+    the files back to the frames all of them hold (`kept`).
     """
 
     def __init__(self, out_dir: Path, capture: FaceCapture, fps: float, mesh_format: str = "obj",
@@ -307,8 +310,20 @@ class TakeWriter:
                                  n_identity=capture.basis.identity.shape[0],
                                  fps=source_fps or float("nan"))
         self._camera_set = False
+        self.failure: OSError | None = None  # the first write that failed
+        self.kept: int | None = None  # frames the take holds, once closed
+        self._writing: int | None = None  # the frame whose writes are under way
 
     def write(self, result: FrameResult) -> None:
+        self._writing = result.index
+        try:
+            self._write(result)
+        except OSError as exc:
+            self.failure = self.failure or exc
+            raise
+        self._writing = None
+
+    def _write(self, result: FrameResult) -> None:
         if not self._camera_set:
             self.track.set_camera(result.camera_matrix, result.image_size)
             self._camera_set = True
@@ -323,13 +338,34 @@ class TakeWriter:
                        translation=result.translation, landmarks68=result.landmarks68,
                        identity=result.identity, eyes_ypr_rad=result.eyes_ypr_rad)
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Finishes the files. complete=False: the take stopped midway (an error, an interrupt,
+        perhaps inside a frame's writes); then, and after any failed write, the files are cut
+        back to agree (capture.take_folder.cut_back). Errors other than OSError are raised
+        after the files are finished."""
+        error = None
+        for part in (self.meshes, self.csv):
+            try:
+                if part is not None:
+                    part.close()
+            except OSError as exc:
+                self.failure = self.failure or exc
+            except BaseException as exc:  # noqa: BLE001 - raised once track.npz is saved
+                error = error or exc
         try:
-            if self.meshes is not None:
-                self.meshes.close()
+            if complete and self.failure is None and error is None:
+                try:
+                    self.track.close()
+                    self.kept = self.track.frames
+                except OSError as exc:
+                    self.failure = exc
+            if self.kept is None:
+                self.kept = cut_back(self.track, self.csv.path, self.meshes.writer if self.meshes else None,
+                                     self._writing)
+                self.track.close(save=False)
         finally:
-            self.csv.close()
-            self.track.close()
+            if error is not None:
+                raise error
 
 
 @dataclass
@@ -352,17 +388,29 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     Each result goes to the streams first (they want it soonest), then to the
     files. on_result(frame, result) is called per frame after both (preview);
     return False from it to stop.
+
+    The files are always finished, whatever stops the take (an error, Ctrl-C,
+    a closed progress pipe), and agree with each other. A write that fails
+    (a full disk) stops the take with OutputError saying how many frames it
+    keeps; so does an output folder that cannot be written before the first frame.
     """
     from tqdm import tqdm
 
     summary = TakeSummary()
     fps = source.fps or 30.0
-    writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps) if out_dir is not None else None
+    writer = None
+    if out_dir is not None:
+        try:
+            writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps)
+        except OSError as exc:
+            raise OutputError(f"cannot write in the take folder {out_dir}: {reason(exc)}") from None
     total = source.frame_count if max_frames is None else min(max_frames, source.frame_count or max_frames)
-    bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, leave=True)
     start = time.perf_counter()
     reader = FrameReader(source, queue_size=queue_size)
+    bar = None
+    completed = False
     try:
+        bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, leave=True)
         for frame in reader:
             result = capture.process(frame.image, frame.time_s, frame.index)
             t0 = time.perf_counter()
@@ -386,11 +434,29 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
                 break
             if max_frames is not None and summary.frames >= max_frames:
                 break
+        completed = True
+    except OSError as exc:
+        if writer is None or exc is not writer.failure:
+            raise
     finally:
         summary.dropped = reader.dropped
-        reader.close()
-        bar.close()
-        if writer is not None:
-            writer.close()
+        _close_all(reader.close, None if writer is None else lambda: writer.close(complete=completed),
+                   None if bar is None else bar.close)
         summary.wall_s = time.perf_counter() - start
+    if writer is not None and writer.failure is not None:
+        raise OutputError(f"{reason(writer.failure)} writing {out_dir}: stopped; the take keeps its first "
+                          f"{writer.kept} frames (blendshapes.csv, meshes and track.npz agree)")
     return summary
+
+
+def _close_all(*closers) -> None:
+    """Calls every closer (None: skipped), even when one fails; then raises the first failure."""
+    first = None
+    for close in closers:
+        try:
+            if close is not None:
+                close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the rest have run
+            first = first or exc
+    if first is not None:
+        raise first

@@ -449,6 +449,7 @@ class TrackWriter:
         self.set_camera(camera_matrix, image_size)
         self.identity = np.zeros(0, dtype=np.float32)
         self._count = 0
+        self.saved_frames = 0  # frames in the file on disk (0: none written yet)
         self._last_save_s = -math.inf
         self._last_save_duration_s = 0.0
         self._closed = False
@@ -528,9 +529,16 @@ class TrackWriter:
         if time.monotonic() - self._last_save_s >= interval_s:
             self.save()
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays as saved (views of the buffers for per-frame ones)."""
-        out = {k: b[: self._count] for k, b in self._buf.items()}
+    @property
+    def frames(self) -> int:
+        """Frames added so far."""
+        return self._count
+
+    def arrays(self, frames: int | None = None) -> dict[str, np.ndarray]:
+        """The arrays as saved (views of the buffers for per-frame ones), of the first
+        `frames` frames (default: all)."""
+        count = self._count if frames is None else min(int(frames), self._count)
+        out = {k: b[:count] for k, b in self._buf.items()}
         out["blendshape_names"] = np.array(ARKIT_NAMES)
         out["identity"] = self.identity
         out["camera_matrix"] = self.camera_matrix
@@ -538,19 +546,24 @@ class TrackWriter:
         out["fps"] = np.float64(self.fps)
         return out
 
-    def save(self) -> None:
-        """Writes the file atomically: temp file beside it, then os.replace."""
+    def save(self, frames: int | None = None) -> None:
+        """Writes the file atomically (temp file beside it, then os.replace), with the first
+        `frames` frames (default: all); `saved_frames` says how many the file holds."""
         start_s = time.monotonic()
         buffer = io.BytesIO()
-        np.savez(buffer, **self.arrays())
+        arrays = self.arrays(frames)
+        np.savez(buffer, **arrays)
         _write_atomic(self.path, [buffer.getbuffer()])
+        self.saved_frames = len(arrays["frame_index"])
         self._last_save_s = time.monotonic()
         self._last_save_duration_s = self._last_save_s - start_s
 
-    def close(self) -> None:
-        """Saves and stops accepting frames; calling it twice is harmless."""
+    def close(self, save: bool = True) -> None:
+        """Saves and stops accepting frames; calling it twice is harmless. save=False leaves
+        the file as last saved (a caller that saved a part of the take itself)."""
         if not self._closed:
-            self.save()
+            if save:
+                self.save()
             self._closed = True
 
     def __enter__(self):
@@ -561,6 +574,8 @@ class TrackWriter:
 
 
 def load_track(path) -> dict[str, np.ndarray]:
-    """All arrays of a track.npz, loaded eagerly (no pickles)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """The arrays of a track.npz, loaded eagerly: only a take's own arrays, no pickles,
+    sizes checked before anything is inflated (capture.takes.read_track; TakeError)."""
+    from capture.takes import read_track
+
+    return read_track(path)

@@ -97,8 +97,29 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class ConfigError(ValueError):
+    """A training config or option that cannot work; the message is one line."""
+
+
+#: Config numbers that must be finite and > 0 (section, key); "workers" may be 0 (in-process).
+POSITIVE_SETTINGS = (("train", "steps"), ("train", "batch_size"), ("train", "lr"), ("train", "threads"),
+                     ("train", "log_every"), ("train", "val_every"), ("train", "checkpoint_every"),
+                     ("data", "val_batch"), ("real", "batch_size"), ("real", "render_px"))
+
+
+def _check_numbers(cfg: dict) -> None:
+    for section, key in POSITIVE_SETTINGS:
+        value = cfg[section][key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"[{section}] {key} must be a number > 0, got {value!r}")
+    workers = cfg["data"]["workers"]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"[data] workers must be a whole number >= 0, got {workers!r}")
+
+
 def load_config(config: str | Path | dict | None) -> dict:
-    """A TOML/JSON path or a dict, merged over DEFAULT_CONFIG (unknown loss terms are an error)."""
+    """A TOML/JSON path or a dict, merged over DEFAULT_CONFIG (unknown loss terms, and counts,
+    sizes and rates that are not > 0, are a ConfigError)."""
     if config is None:
         user = {}
     elif isinstance(config, dict):
@@ -109,12 +130,13 @@ def load_config(config: str | Path | dict | None) -> dict:
     cfg = _merge(DEFAULT_CONFIG, user)
     unknown = set(cfg["loss"]) - set(DEFAULT_WEIGHTS) - set(DEFAULT_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown loss terms in config: {sorted(unknown)}")
+        raise ConfigError(f"unknown loss terms in config: {sorted(unknown)}")
     if cfg["loss"]["expression_loss"] not in EXPRESSION_LOSSES:
-        raise ValueError(f"unknown expression_loss {cfg['loss']['expression_loss']!r} (one of {EXPRESSION_LOSSES})")
+        raise ConfigError(f"unknown expression_loss {cfg['loss']['expression_loss']!r} (one of {EXPRESSION_LOSSES})")
     unknown = set(cfg["real"]) - set(DEFAULT_CONFIG["real"])
     if unknown:
-        raise ValueError(f"unknown [real] keys in config: {sorted(unknown)}")
+        raise ConfigError(f"unknown [real] keys in config: {sorted(unknown)}")
+    _check_numbers(cfg)
     return cfg
 
 
@@ -594,6 +616,10 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--workers", type=int, help="on-the-fly synthesis processes")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.steps is not None and args.steps <= 0:
+        raise ConfigError(f"--steps must be > 0, got {args.steps}")
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     cfg = load_config(args.config)
     if args.steps is not None:
         cfg["train"]["steps"] = args.steps

@@ -1,0 +1,246 @@
+"""The folder a take is written into: checked and locked before the first frame,
+and put back in agreement with itself when a write fails midway.
+
+A take folder is locked by ``.capture.lock``, a file holding the writer's
+process id and held with ``flock``: the kernel drops the lock when the
+process dies, however it dies, so a lock left by a dead capture is simply
+taken over, while a second capture into a folder in use is refused. On file
+systems without ``flock`` the process id alone decides (a lock whose process
+is gone is stale).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+import numpy as np
+
+LOCK_NAME = ".capture.lock"
+
+#: What a user should read for the errors an output place gives (else the system's wording).
+_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENAMETOOLONG: "name too long for the file system",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a file is in the way",
+}
+
+
+class OutputError(Exception):
+    """The output place cannot be used, or a write failed midway: one line for the user."""
+
+
+def reason(exc: OSError) -> str:
+    """A short, lower-case account of why a file operation failed."""
+    return _REASONS.get(exc.errno, (exc.strerror or type(exc).__name__).lower())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+class TakeLock:
+    """The take folder `path`, created if needed and locked for this process.
+
+    Raises OutputError with one line when `path` is a file, cannot be created
+    or written (read-only, no permission, a name too long, a full disk), or is
+    being written by another capture. Use as a context manager, or call
+    `release` (removes the lock file, and the folders it created if nothing was
+    written into them: a take that never started leaves nothing behind;
+    harmless twice).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.lock_path = self.path / LOCK_NAME
+        self.taken_over_pid: int | None = None  # a dead capture whose lock this took over
+        self._fd: int | None = None
+        self._created: list[Path] = []  # folders this made, deepest first
+        try:
+            if self.path.exists() and not self.path.is_dir():
+                raise OutputError(f"--out {self.path} is a file, not a folder: give a folder for the take")
+            missing = self.path
+            while not missing.exists() and missing != missing.parent:
+                self._created.append(missing)
+                missing = missing.parent
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the take folder {self.path}: {reason(exc)}") from None
+        try:
+            self._acquire()
+        except BaseException as exc:
+            self._remove_created()
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot write in the take folder {self.path}: {reason(exc)}") from None
+            raise
+
+    def _acquire(self) -> None:
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                owner = self._lock(fd)
+                if owner is not None:
+                    raise OutputError(f"{self.path} is in use by another capture (process {owner}): "
+                                      "wait for it to end or choose another --out")
+                # the file may have been removed (released) between open and lock: lock the one in place
+                if os.fstat(fd).st_ino != os.stat(self.lock_path).st_ino:
+                    os.close(fd)
+                    continue
+                previous = _read_pid(fd)
+                if previous is not None and previous != os.getpid():
+                    self.taken_over_pid = previous
+                os.ftruncate(fd, 0)
+                data = f"{os.getpid()}\n".encode("ascii")
+                if os.pwrite(fd, data, 0) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except FileNotFoundError:  # removed by its owner between our open and stat: try again
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            return
+
+    def _lock(self, fd: int) -> int | str | None:
+        """Locks fd; returns None when locked, else who holds it (a pid, or 'unknown')."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return _read_pid(fd) or "unknown"
+        except OSError as exc:  # no flock here (some network file systems): the pid decides
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            pid = _read_pid(fd)
+            return pid if pid is not None and pid != os.getpid() and _pid_alive(pid) else None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.remove(self.lock_path)  # before unlocking: a waiting capture then re-opens a fresh file
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the take's files), or gone: keep the rest
+                break
+        self._created = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def truncate_lines(path, n_lines: int) -> None:
+    """Cuts the text file at path after its first n_lines lines (no-op if it has no more)."""
+    seen = 0
+    offset = 0
+    with open(path, "r+b") as f:
+        while seen < n_lines:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                return
+            start = 0
+            while seen < n_lines:
+                at = chunk.find(b"\n", start)
+                if at < 0:
+                    break
+                seen += 1
+                start = at + 1
+            offset += start if seen == n_lines else len(chunk)
+        f.truncate(offset)
+
+
+#: Errors that mean the device has no room: worth freeing some to save track.npz.
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def cut_back(track, csv_path, meshes=None, writing_index: int | None = None) -> int:
+    """Puts a take that stopped midway back in agreement with itself; returns the frames it keeps.
+
+    After a failed write or an interrupt (possibly inside a frame's writes),
+    the take keeps the longest run of frames from the first that every file
+    holds: each is in the track (its last write) and, with a face, has its
+    mesh file (its CSV row is written first of all). track.npz is saved for
+    them; if the device has no room for it, the newest of those frames' meshes
+    are given up one at a time until it fits, and failing that the track's
+    last checkpoint on disk is what stays. CSV rows and meshes past the kept
+    frames are removed, so every file then tells the same take.
+
+    track: the take's TrackWriter; csv_path: its Live Link CSV (a header line,
+    then a row per frame with a face); meshes: its MeshSequenceWriter or None;
+    writing_index: the frame whose writes were cut off, if one was.
+    """
+    arrays = track.arrays()
+    index, found = arrays["frame_index"], arrays["face_found"]
+    kept = len(index)
+    if meshes is not None:
+        for i in np.flatnonzero(found):
+            if not os.path.exists(meshes.path_of(index[i])):
+                kept = int(i)
+                break
+    # whatever is saved below, nothing past these frames stays
+    _drop_after(max(kept, track.saved_frames), index, found, csv_path, meshes, writing_index)
+    while kept != track.saved_frames or not os.path.exists(track.path):
+        try:
+            track.save(kept)
+            break
+        except OSError as exc:
+            with_mesh = np.flatnonzero(found[:kept]) if meshes is not None else []
+            if exc.errno in SPACE_ERRNOS and len(with_mesh) and (
+                    kept < track.saved_frames or with_mesh[-1] >= track.saved_frames):
+                kept = int(with_mesh[-1])  # room for the track: give up the newest mesh
+                _remove(meshes.path_of(index[kept]))
+                continue
+            kept = track.saved_frames
+            break
+    _drop_after(kept, index, found, csv_path, meshes, writing_index)
+    return kept
+
+
+def _drop_after(n: int, index, found, csv_path, meshes, writing_index) -> None:
+    """Removes the CSV rows and meshes of the frames from the n-th on."""
+    truncate_lines(csv_path, 1 + int(found[:n].sum()))
+    if meshes is not None:
+        later = [int(i) for i in index[n:][found[n:]]]
+        if writing_index is not None and not np.any(index[:n] == writing_index):
+            later.append(writing_index)
+        for i in later:
+            _remove(meshes.path_of(i))
+
+
+def _remove(path) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
