@@ -27,7 +27,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from capture.console import NativeStderrFilter, reopen_closed_std_streams, silence_std_streams  # noqa: E402
-from capture.take_folder import TakeLock  # noqa: E402
+from capture.take_folder import TakeLock, check_file_place, reason  # noqa: E402
 
 OUTPUTS_HELP = """\
 outputs (in --out DIR):
@@ -236,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, False for a name the file system cannot even look up (too long)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _default_out(input_path: Path) -> Path:
     return Path("takes") / input_path.stem
 
@@ -434,10 +442,11 @@ def cmd_calibrate(args) -> int:
 
     if (args.input is None) == (args.camera is None):
         raise CaptureError("give a VIDEO or --camera N to calibrate on (one of them)")
-    if args.out.is_dir():
+    if _is_dir(args.out):
         raise CaptureError(f"--out {args.out} is a folder; give the profile's file name, e.g. actor.toml")
-    if not args.out.parent.is_dir():
+    if not _is_dir(args.out.parent):
         raise CaptureError(f"no such folder for --out: {args.out.parent}")
+    check_file_place(args.out)  # a read-only folder or a name too long fails now, not after the work
     if args.input is not None:
         if args.preview:
             raise CaptureError("--preview is for --camera")
@@ -453,7 +462,10 @@ def cmd_calibrate(args) -> int:
             capture.close()
     else:
         result = _calibrate_live(args)
-    result.profile.save(args.out)
+    try:
+        result.profile.save(args.out)
+    except OSError as exc:
+        raise CaptureError(f"cannot write {args.out}: {reason(exc)}") from None
     _report_calibration(result, args.out)
     return 0
 
@@ -522,8 +534,9 @@ def cmd_export(args) -> int:
     if not track["face_found"].any():
         raise CaptureError(f"{args.take} has no frame with a face: nothing to export")
     out = args.out or folder / "take.glb"
-    if out.is_dir():
+    if _is_dir(out):
         raise CaptureError(f"--out {out} is a folder: give the .glb file's name")
+    check_file_place(out)
     model = FaceModel.load(args.face_model)
     with tqdm(unit="step", desc="exporting", disable=args.quiet, dynamic_ncols=True) as bar:
         def progress(done, total):
@@ -535,8 +548,6 @@ def cmd_export(args) -> int:
         except GltfExportError as exc:
             raise CaptureError(str(exc)) from None
         except OSError as exc:  # the .glb is written whole or not at all
-            from capture.take_folder import reason
-
             raise CaptureError(f"cannot write {out}: {reason(exc)}") from None
     print(f"wrote {path} ({Path(path).stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
     return 0

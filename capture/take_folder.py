@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,19 @@ class TakeLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def check_file_place(path) -> None:
+    """Raises OutputError (one line) unless a file can be written at path: its folder exists
+    and takes new files, and the name (with a temporary name's few more characters) fits the
+    file system. For single-file outputs (a profile, a .glb), checked before the work."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {reason(exc)}") from None
 
 
 def truncate_lines(path, n_lines: int) -> None:

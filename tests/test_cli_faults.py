@@ -92,6 +92,29 @@ def test_output_places_that_cannot_be_used_are_one_line(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a_file", "ro"]
 
 
+def test_profile_and_glb_places_are_checked_before_the_work(tmp_path, capsys):
+    take = tmp_path / "take"
+    take.mkdir()
+    with TrackWriter(take / "track.npz", np.eye(3), (64, 64), fps=30.0) as writer:
+        writer.add(0, 0.0, True, blendshapes=np.zeros(52), rotation=np.eye(3), translation=[0.0, 0.0, 50.0])
+    long_name = "x" * 250 + ".toml"  # fits, but not with a temporary name's characters
+    undo = read_only_folder(tmp_path / "ro")
+    cases = [(["calibrate", D12, "--out", tmp_path / long_name], "name too long for the file system"),
+             (["export", take, "--out", tmp_path / ("y" * 260 + ".glb")], "name too long for the file system")]
+    if undo is not None:
+        cases += [(["calibrate", D12, "--out", tmp_path / "ro" / "a.toml"], "permission denied"),
+                  (["export", take, "--out", tmp_path / "ro" / "take.glb"], "permission denied")]
+    try:
+        for argv, words in cases:
+            started = time.monotonic()
+            line = _one_error_line(cli.main([str(a) for a in argv] + ["--quiet"]), capsys.readouterr().err)
+            assert words in line and time.monotonic() - started < 5  # before the engine loads
+    finally:
+        if undo is not None:
+            undo()
+    assert sorted(os.listdir(tmp_path)) == ["ro", "take"] and os.listdir(take) == ["track.npz"]
+
+
 @pytest.mark.parametrize("mesh_format, capacity_bytes", [("obj", 6_000_000), ("none", 30_000)])
 def test_full_disk_mid_take_stops_with_an_agreeing_take(tmp_path, capsys, monkeypatch, mesh_format,
                                                         capacity_bytes):
