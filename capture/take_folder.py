@@ -206,10 +206,12 @@ def cut_back(track, csv_path, meshes=None, writing_index: int | None = None) -> 
     the take keeps the longest run of frames from the first that every file
     holds: each is in the track (its last write) and, with a face, has its
     mesh file (its CSV row is written first of all). track.npz is saved for
-    them; if the device has no room for it, the newest of those frames' meshes
-    are given up one at a time until it fits, and failing that the track's
-    last checkpoint on disk is what stays. CSV rows and meshes past the kept
-    frames are removed, so every file then tells the same take.
+    them; if the device has no room for it, the newest frames are given up
+    until it fits: their meshes one at a time (a mesh frees more than a track
+    needs), then half of the frames since the track's last checkpoint at a
+    time, down to that checkpoint, which is on disk already. On other errors
+    the checkpoint is what stays. CSV rows and meshes past the kept frames are
+    removed, so every file then tells the same take.
 
     track: the take's TrackWriter; csv_path: its Live Link CSV (a header line,
     then a row per frame with a face); meshes: its MeshSequenceWriter or None;
@@ -230,13 +232,19 @@ def cut_back(track, csv_path, meshes=None, writing_index: int | None = None) -> 
             track.save(kept)
             break
         except OSError as exc:
-            with_mesh = np.flatnonzero(found[:kept]) if meshes is not None else []
-            if exc.errno in SPACE_ERRNOS and len(with_mesh) and (
-                    kept < track.saved_frames or with_mesh[-1] >= track.saved_frames):
-                kept = int(with_mesh[-1])  # room for the track: give up the newest mesh
-                _remove(meshes.path_of(index[kept]))
-                continue
-            kept = track.saved_frames
+            saved = track.saved_frames
+            if exc.errno in SPACE_ERRNOS:  # make room by giving up the newest frames, then try again
+                with_mesh = np.flatnonzero(found[:kept]) if meshes is not None else np.zeros(0, int)
+                if kept < saved and len(with_mesh):  # the checkpoint holds more frames than the meshes
+                    kept = int(with_mesh[-1])
+                    _remove(meshes.path_of(index[kept]))
+                    continue
+                if kept > saved:  # the newest mesh frees most; without one, half the CSV rows since
+                    later = with_mesh[with_mesh >= saved]
+                    kept = int(later[-1]) if len(later) else saved + (kept - saved) // 2
+                    _drop_after(kept, index, found, csv_path, meshes, writing_index)
+                    continue
+            kept = saved  # the checkpoint on disk is what stays
             break
     _drop_after(kept, index, found, csv_path, meshes, writing_index)
     return kept

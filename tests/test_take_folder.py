@@ -126,12 +126,14 @@ def _take(folder, frames: int, found_every: int = 1, checkpoint_every_s: float =
     return track, meshes
 
 
-def _assert_agree(folder, kept: int):
+def _assert_agree(folder, kept: int, meshes: bool = True):
     track = load_track(folder / "track.npz")
     assert len(track["frame_index"]) == kept
     faces = track["frame_index"][track["face_found"]]
     _, shapes, _ = read_livelink_csv(folder / "blendshapes.csv")
     np.testing.assert_allclose(shapes[:, 0], faces / 100.0, atol=1e-6)
+    if not meshes:
+        return
     assert sorted(os.listdir(folder / "meshes")) == [f"{i:06d}.ply" for i in faces]
     for i in faces:
         np.testing.assert_array_equal(read_ply(folder / "meshes" / f"{i:06d}.ply")[0], float(i))
@@ -166,14 +168,29 @@ def test_cut_back_on_a_full_disk_gives_up_the_newest_meshes_for_the_track(tmp_pa
     _assert_agree(tmp_path, kept)
 
 
-def test_cut_back_keeps_the_checkpoint_when_nothing_frees_room(tmp_path, monkeypatch):
-    track, _ = _take(tmp_path, 12)
+def test_cut_back_without_meshes_gives_up_csv_rows_for_the_track(tmp_path, monkeypatch):
+    track, _ = _take(tmp_path, 40)
     for name in os.listdir(tmp_path / "meshes"):
         os.remove(tmp_path / "meshes" / name)
-    FullDisk(tmp_path, FullDisk(tmp_path, 0).used()).install(monkeypatch)
+    os.rmdir(tmp_path / "meshes")
+    assert track.saved_frames == 1
+    disk = FullDisk(tmp_path, FullDisk(tmp_path, 0).used()).install(monkeypatch)  # full: only cuts free room
     kept = cut_back(track, tmp_path / "blendshapes.csv", None)
-    assert kept == track.saved_frames == 1
+    assert disk.failures >= 1 and 1 < kept < 40
     monkeypatch.undo()
-    assert len(load_track(tmp_path / "track.npz")["frame_index"]) == 1
-    assert len(read_livelink_csv(tmp_path / "blendshapes.csv")[0]) == 1
+    _assert_agree(tmp_path, kept, meshes=False)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temp file left
+
+
+def test_cut_back_keeps_the_checkpoint_on_other_errors(tmp_path, monkeypatch):
+    import errno
+
+    track, meshes = _take(tmp_path, 12)
+
+    def broken(frames=None):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(track, "save", broken)
+    kept = cut_back(track, tmp_path / "blendshapes.csv", meshes)
+    assert kept == track.saved_frames == 1
+    _assert_agree(tmp_path, 1)
