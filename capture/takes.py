@@ -49,7 +49,9 @@ PER_TAKE = {
     "fps": ((), "f"),
 }
 TRACK_ARRAYS = {**PER_FRAME, **PER_TAKE}
-REQUIRED = ("frame_index", "time_s", "face_found", "blendshapes", "rotation", "translation")
+#: What every take has had since the first (older ones may lack eyes_ypr_rad, fps, identity_per_frame).
+REQUIRED = ("frame_index", "time_s", "face_found", "blendshapes", "rotation", "translation", "landmarks68",
+            "image_size")
 #: Arrays that must be finite on every frame with a face.
 FINITE_WHERE_FOUND = ("blendshapes", "rotation", "translation")
 ROTATION_TOLERANCE = 1e-3  # |RᵀR − I| and |det R − 1| for float32 rotations

@@ -122,6 +122,7 @@ def test_pickles_are_never_loaded(tmp_path):
 
 @pytest.mark.parametrize("change, words", [
     (lambda a: a.pop("blendshapes"), "missing blendshapes"),
+    (lambda a: [a.pop("landmarks68"), a.pop("image_size")], "missing landmarks68, image_size"),
     (lambda a: a.update(time_s=a["time_s"][:-1]), "time_s has shape (5,), expected (6,)"),
     (lambda a: a.update(blendshapes=a["blendshapes"][:, :51]), "blendshapes has shape (6, 51), expected (6, 52)"),
     (lambda a: a.update(rotation=a["rotation"][:, :2]), "rotation has shape (6, 2, 3)"),
@@ -166,7 +167,7 @@ def _one_line(status, err) -> str:
                                      ["stream", "{take}", "--to", "vmc://127.0.0.1:9", "--quiet"],
                                      ["stream", "{take}", "--to", "vmc://127.0.0.1:9", "--actor", "off",
                                       "--quiet"]])
-@pytest.mark.parametrize("hostile", ["bomb", "wrong_shapes", "unequal", "missing"])
+@pytest.mark.parametrize("hostile", ["bomb", "wrong_shapes", "unequal", "missing", "no_image_size"])
 def test_commands_refuse_hostile_takes_in_one_line(tmp_path, capsys, bomb, command, hostile):
     take = tmp_path / "take"
     take.mkdir()
@@ -178,8 +179,10 @@ def test_commands_refuse_hostile_takes_in_one_line(tmp_path, capsys, bomb, comma
             arrays["blendshapes"] = np.zeros((FRAMES, 40), np.float32)
         elif hostile == "unequal":
             arrays["translation"] = arrays["translation"][:3]
-        else:
+        elif hostile == "missing":
             del arrays["rotation"]
+        else:
+            del arrays["image_size"]
         _save(take / "track.npz", arrays)
     status = cli.main([a.format(take=take) for a in command])
     line = _one_line(status, capsys.readouterr().err)
