@@ -111,6 +111,16 @@ def test_header_larger_than_its_data_is_refused(tmp_path):
         read_track(path)
 
 
+def test_corrupt_compressed_data_is_refused(tmp_path):
+    path = _save(tmp_path / "track.npz", _track_arrays(), compressed=True)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"blendshapes.npy") + 60  # inside its deflate stream
+    data[at:at + 200] = bytes(range(200))
+    path.write_bytes(bytes(data))
+    with pytest.raises(TakeError, match="cannot read .*track.npz: .*decompressing"):
+        read_track(path)
+
+
 def test_pickles_are_never_loaded(tmp_path):
     arrays = _track_arrays()
     arrays["blendshape_names"] = np.array([object()] * 52, dtype=object)
