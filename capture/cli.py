@@ -290,6 +290,8 @@ def cmd_video(args) -> int:
     from capture.pipeline import run_take
     from capture.sources import VideoSource
 
+    if summary.skipped:
+        line += f", {summary.skipped} undecodable frames skipped (decoded=False in track.npz)"
     source = VideoSource(args.input)
     out = args.out or _default_out(args.input)
     try:

@@ -26,7 +26,7 @@ from capture.sinks import BackgroundMeshWriter, LiveLinkCsvWriter, MeshSequenceW
 from capture.sources import FrameReader, FrameSource
 from capture.streams import StreamHub, stream_frame
 from capture.take_folder import OutputError, cut_back, reason
-from capture.tracking import FaceTracker
+from capture.tracking import FOLLOW_PATIENCE_FRAMES, FaceTracker, follow_region
 from engine.arkit import arkit_from_model
 from engine.calibration import ActorProfile, AutoNeutral
 from engine.coarse_fitting import CoarseFitter, open_runtime
@@ -68,6 +68,7 @@ class CaptureSettings:
     focal_px: float | None = None
     filtering: bool = True
     small_faces: bool = True
+    follow_profiles: bool = True    # a face FaceMesh loses (turned to profile) is followed from the previous fit
     static: bool = False            # photos: every picture fitted on its own
     identity_frames: int = 40       # frames with a face before a take's identity locks
     photo_passes: int = 4           # fit passes over one photo (identity and expression alternate; fit engine)
@@ -97,6 +98,8 @@ class FrameResult:
     face_found: bool
     camera_matrix: np.ndarray
     image_size: tuple[int, int]
+    confidence: float = 0.0  # the tracker's (FaceTracker.confidence): 1 FaceMesh's own, <= 0.5 followed, 0 no face
+    decoded: bool = True     # False: the source could not decode this frame (nothing was tracked)
     landmarks: np.ndarray | None = None
     rotation: np.ndarray | None = None
     translation: np.ndarray | None = None
@@ -143,6 +146,8 @@ class FaceCapture:
         self._identity_of_mesh = None
         self.eyes = None
         self._eyes_identity = None
+        self._follow = None  # where the last fitted face was (capture.tracking.FollowRegion), None after a loss
+        self._follow_misses = 0  # frames without a face since that fit
         self._warm_up()
         self.reset()
 
@@ -173,6 +178,7 @@ class FaceCapture:
         self._pose_filter = OneEuroFilter(s.pose_cutoff_hz, np.r_[np.full(3, s.rotation_beta),
                                                                   np.full(3, s.translation_beta)])
         self.tracker.reset()
+        self._follow = None
         self._update_eyes(self.fitter.identity)
 
     def _new_fitter(self) -> None:
@@ -220,11 +226,16 @@ class FaceCapture:
             self.tracker.reset()
             self._new_fitter()
             self._update_eyes(self.fitter.identity)
-        landmarks = self.tracker.track(image)
+        follow = self._follow if self.settings.follow_profiles and not self.settings.static else None
+        landmarks = self.tracker.track(image, follow)
         t1 = time.perf_counter()
         timings["landmarks"] = t1 - t0
-        result = FrameResult(index, time_s, landmarks is not None, K, (w, h), timings_s=timings)
+        result = FrameResult(index, time_s, landmarks is not None, K, (w, h), self.tracker.confidence,
+                             timings_s=timings)
         if landmarks is None:
+            self._follow_misses += 1
+            if self._follow_misses > FOLLOW_PATIENCE_FRAMES:
+                self._follow = None
             self.fitter.lose_track()
             self._expression_filter.reset()
             self._calibrated_filter.reset()
@@ -250,6 +261,10 @@ class FaceCapture:
             fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
         if not np.array_equal(fit.identity, self._eyes_identity):
             self._update_eyes(fit.identity)
+        if self.settings.follow_profiles and not self.settings.static:
+            self._follow = follow_region(self.basis.points(fit.identity, fit.expression), fit.rotation,
+                                         fit.translation, K)
+            self._follow_misses = 0
         t2 = time.perf_counter()
         timings["fit"] = t2 - t1
 
@@ -273,6 +288,11 @@ class FaceCapture:
         result.rms_px = fit.rms_px
         timings["filter"] = time.perf_counter() - t2
         return result
+
+    def undecodable(self, index: int, time_s: float, like: np.ndarray) -> FrameResult:
+        """The result of a frame the source could not decode, in a take whose pictures are like `like`."""
+        h, w = like.shape[:2]
+        return FrameResult(index, time_s, False, self.camera_matrix(w, h), (w, h), decoded=False)
 
     def mesh_vertices(self, result: FrameResult) -> np.ndarray:
         """(V, 3) float32 camera-space vertices (cm) of a frame with a face."""
@@ -336,7 +356,8 @@ class TakeWriter:
         self.track.add(result.index, result.time_s, result.face_found, blendshapes=result.blendshapes,
                        expression=result.expression, rotation=result.rotation,
                        translation=result.translation, landmarks68=result.landmarks68,
-                       identity=result.identity, eyes_ypr_rad=result.eyes_ypr_rad)
+                       identity=result.identity, eyes_ypr_rad=result.eyes_ypr_rad,
+                       confidence=result.confidence, decoded=result.decoded)
 
     def close(self, complete: bool = True) -> None:
         """Finishes the files. complete=False: the take stopped midway (an error, an interrupt,
@@ -374,6 +395,7 @@ class TakeSummary:
     faces: int = 0
     dropped: int = 0
     wall_s: float = 0.0
+    skipped: int = 0  # frames the source could not decode: rows marked decoded=False in track.npz
     timings_s: dict = field(default_factory=lambda: {s: [] for s in STAGES})
     frames_without_face: list = field(default_factory=list)
 
@@ -387,7 +409,9 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     frame before it has been written and the outputs closed.
     Each result goes to the streams first (they want it soonest), then to the
     files. on_result(frame, result) is called per frame after both (preview);
-    return False from it to stop.
+    return False from it to stop. A frame the source could not decode
+    (Frame.skipped_s) gets its row in track.npz, marked decoded=False, and
+    nothing else; summary.skipped counts them, and max_frames counts them too.
 
     The files are always finished, whatever stops the take (an error, Ctrl-C,
     a closed progress pipe), and agree with each other. A write that fails
@@ -413,6 +437,16 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
         bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, leave=True)
         for frame in reader:
             result = capture.process(frame.image, frame.time_s, frame.index)
+            first_skipped = frame.index - len(frame.skipped_s)
+            for index, time_s in enumerate(frame.skipped_s, first_skipped):  # undecodable: a row, nothing else
+                if max_frames is not None and summary.frames + summary.skipped >= max_frames:
+                    break
+                if writer is not None:
+                    writer.write(capture.undecodable(index, time_s, frame.image))
+                summary.skipped += 1
+                bar.update(1)
+            if max_frames is not None and summary.frames + summary.skipped >= max_frames:
+                break
             t0 = time.perf_counter()
             if streams is not None:
                 streams.send(stream_frame(result, frame.captured_s, fps))
@@ -432,7 +466,7 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
             bar.set_postfix(faces=summary.faces, refresh=False)
             if on_result is not None and on_result(frame, result) is False:
                 break
-            if max_frames is not None and summary.frames >= max_frames:
+            if max_frames is not None and summary.frames + summary.skipped >= max_frames:
                 break
         completed = True
     except OSError as exc:

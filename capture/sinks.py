@@ -434,6 +434,11 @@ class TrackWriter:
     checkpoints under ~5% of wall time on long takes.
     """
 
+    ``decoded`` is False on a frame the source could not decode (a corrupt
+    video's skipped frame: no face, NaN everywhere, time and index kept);
+    ``confidence`` is the tracker's on a frame with a face (1: FaceMesh's own
+    landmarks; at most 0.5: followed through a profile), NaN without one.
+
     #: Wall time between checkpoints, as a multiple of the last save's duration.
     CHECKPOINT_COST_RATIO = 20.0
 
@@ -467,6 +472,8 @@ class TrackWriter:
             "eyes_ypr_rad": ((2, 3), np.float32, np.nan),
             "identity_per_frame": ((self.n_identity,), np.float32, np.nan),
         }
+            "decoded": ((), np.bool_, True),
+            "confidence": ((), np.float32, np.nan),
         self._buf = {k: np.full((0, *s), fill, dtype=dt) for k, (s, dt, fill) in self._spec.items()}
 
     def set_camera(self, camera_matrix=None, image_size=None) -> None:
@@ -495,7 +502,7 @@ class TrackWriter:
 
     def add(self, frame_index: int, time_s: float, face_found: bool, blendshapes=None,
             expression=None, rotation=None, translation=None, landmarks68=None,
-            identity=None, eyes_ypr_rad=None) -> None:
+            identity=None, eyes_ypr_rad=None, confidence=None, decoded: bool = True) -> None:
         """Appends one frame; saves a checkpoint if ``checkpoint_every_s`` has passed.
 
         identity (n_identity,) is the identity this frame was fitted with: it changes while
@@ -505,7 +512,7 @@ class TrackWriter:
             raise ValueError("writer is closed")
         values = {"blendshapes": blendshapes, "expression": expression, "rotation": rotation,
                   "translation": translation, "landmarks68": landmarks68, "identity_per_frame": identity,
-                  "eyes_ypr_rad": eyes_ypr_rad}
+                  "eyes_ypr_rad": eyes_ypr_rad, "confidence": confidence}
         checked = {}
         for name, value in values.items():
             if value is None or not face_found:
@@ -529,6 +536,7 @@ class TrackWriter:
         if time.monotonic() - self._last_save_s >= interval_s:
             self.save()
 
+        self._buf["decoded"][i] = bool(decoded)
     @property
     def frames(self) -> int:
         """Frames added so far."""

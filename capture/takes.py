@@ -39,6 +39,8 @@ PER_FRAME = {
     "landmarks68": ((68, 2), "f"),
     "eyes_ypr_rad": ((2, 3), "f"),
     "identity_per_frame": ((None,), "f"),
+    "decoded": ((), "b"),        # False: a frame the source could not decode (older takes lack it)
+    "confidence": ((), "f"),     # the tracker's, NaN without a face (older takes lack it)
 }
 #: Arrays of the whole take: name -> (shape, dtype kinds).
 PER_TAKE = {

@@ -41,6 +41,7 @@ class MediaPipeLandmarker:
                  min_tracking_confidence: float = 0.5):
         from mediapipe.python.solutions import face_mesh
 
+        self.static = static
         self._mesh = face_mesh.FaceMesh(
             static_image_mode=static, max_num_faces=1, refine_landmarks=True,
             min_detection_confidence=min_detection_confidence,
@@ -72,6 +73,109 @@ class MediaPipeLandmarker:
 
     def __exit__(self, *exc):
         self.close()
+
+
+#: FaceMesh's landmark stage alone (MediaPipe's FaceLandmarkCpu subgraph, attention model, 478 points)
+#: on a region given by the caller, with its face-presence score as an output instead of a gate.
+_ROI_LANDMARK_GRAPH = """
+input_stream: "image"
+input_stream: "roi"
+output_stream: "face_presence_score"
+output_stream: "face_landmarks"
+input_side_packet: "with_attention"
+node {
+  calculator: "ImageToTensorCalculator"
+  input_stream: "IMAGE:image"
+  input_stream: "NORM_RECT:roi"
+  output_stream: "TENSORS:input_tensors"
+  options { [mediapipe.ImageToTensorCalculatorOptions.ext] {
+    output_tensor_width: 192 output_tensor_height: 192 output_tensor_float_range { min: 0 max: 1 } } }
+}
+node {
+  calculator: "FaceLandmarksModelLoader"
+  input_side_packet: "WITH_ATTENTION:with_attention"
+  output_side_packet: "MODEL:model"
+}
+node { calculator: "TfLiteCustomOpResolverCalculator" output_side_packet: "OP_RESOLVER:op_resolver" }
+node {
+  calculator: "InferenceCalculator"
+  input_stream: "TENSORS:input_tensors"
+  output_stream: "TENSORS:output_tensors"
+  input_side_packet: "MODEL:model"
+  input_side_packet: "OP_RESOLVER:op_resolver"
+  options { [mediapipe.InferenceCalculatorOptions.ext] { delegate { xnnpack {} } } }
+}
+node {
+  calculator: "SplitTensorVectorCalculator"
+  input_stream: "output_tensors"
+  output_stream: "landmark_tensors"
+  output_stream: "face_flag_tensor"
+  options { [mediapipe.SplitVectorCalculatorOptions.ext] { ranges { begin: 0 end: 6 } ranges { begin: 6 end: 7 } } }
+}
+node {
+  calculator: "TensorsToFloatsCalculator"
+  input_stream: "TENSORS:face_flag_tensor"
+  output_stream: "FLOAT:face_presence_score"
+  options { [mediapipe.TensorsToFloatsCalculatorOptions.ext] { activation: SIGMOID } }
+}
+node {
+  calculator: "TensorsToFaceLandmarksWithAttention"
+  input_stream: "TENSORS:landmark_tensors"
+  output_stream: "LANDMARKS:landmarks"
+}
+node {
+  calculator: "LandmarkProjectionCalculator"
+  input_stream: "NORM_LANDMARKS:landmarks"
+  input_stream: "NORM_RECT:roi"
+  output_stream: "NORM_LANDMARKS:face_landmarks"
+}
+"""
+
+
+class MediaPipeRoiLandmarker:
+    """FaceMesh's landmark model run on a region the caller chooses, with no detector.
+
+    FaceMesh finds a face with its detector, then follows it with regions made
+    from its own landmarks, and drops the face when the model's face-presence
+    score falls under 0.5. Past about 60-80 degrees of yaw that happens, and the
+    detector does not find a profile again. This runs the same model (the one
+    FaceMesh runs with iris refinement) on a region from elsewhere, e.g. the
+    previous frame's fitted head, and returns the presence score with the
+    landmarks, so the caller decides what to keep.
+    """
+
+    def __init__(self):
+        from google.protobuf import text_format
+        from mediapipe.framework import calculator_pb2
+        from mediapipe.python.solution_base import PacketDataType, SolutionBase
+
+        config = text_format.Parse(_ROI_LANDMARK_GRAPH, calculator_pb2.CalculatorGraphConfig())
+        self._graph = SolutionBase(graph_config=config, side_inputs={"with_attention": True},
+                                   stream_type_hints={"roi": PacketDataType.PROTO})
+
+    def detect(self, rgb: np.ndarray, centre_px, side_px: float,
+               rotation_rad: float = 0.0) -> tuple[np.ndarray | None, float]:
+        """Landmarks (478, 3) float32 px, as MediaPipeLandmarker gives them, and the face-presence
+        score in [0, 1] for the square of side_px pixels centred at centre_px (x, y), turned by
+        rotation_rad (MediaPipe's: the angle of the eye line, clockwise in the picture).
+        (None, 0.0) when the model gives nothing."""
+        from mediapipe.framework.formats import rect_pb2
+
+        h, w = rgb.shape[:2]
+        roi = rect_pb2.NormalizedRect(x_center=float(centre_px[0]) / w, y_center=float(centre_px[1]) / h,
+                                      width=float(side_px) / w, height=float(side_px) / h,
+                                      rotation=float(rotation_rad))
+        result = self._graph.process({"image": np.ascontiguousarray(rgb), "roi": roi})
+        if result.face_landmarks is None or result.face_presence_score is None:
+            return None, 0.0
+        out = landmarks_array(result.face_landmarks)
+        out[:, 0] *= w
+        out[:, 1] *= h
+        out[:, 2] *= w
+        return out, float(result.face_presence_score)
+
+    def close(self) -> None:
+        self._graph.close()
 
 
 class MediaPipeFaceDetector:

@@ -570,6 +570,50 @@ def test_truncated_video_keeps_what_was_decoded(tmp_path, capsys):
 
 
 def test_empty_folder(tmp_path, capsys):
+def test_corrupt_video_skips_undecodable_frames(corrupt_d12, tmp_path, capsys):
+    """Corrupt bytes mid-video (issue 14): every frame that decodes is captured to the real end;
+    the undecodable ones keep their row, index and time in track.npz, marked decoded=False,
+    and the last line says how many were skipped. (Before: 'video truncated' after 61 frames.)"""
+    from capture.sources import VideoSource
+
+    with VideoSource(corrupt_d12) as source:
+        decoded = [frame.index for frame in source]  # tests/test_sources.py checks these
+    out = tmp_path / "corrupt"
+    code, err = _run(["video", corrupt_d12, "--out", out, "--quiet", "--mesh-format", "none"], capsys)
+    assert code == 0, err
+    track = _assert_take_consistent(out, D12_FPS, mesh_ext=None)
+    np.testing.assert_array_equal(track["frame_index"], np.arange(183))
+    np.testing.assert_allclose(track["time_s"], np.arange(183) / D12_FPS)
+    was_decoded = np.isin(np.arange(183), decoded)
+    np.testing.assert_array_equal(track["decoded"], was_decoded)
+    assert 0 < (~was_decoded).sum() < 20
+    assert not track["face_found"][~was_decoded].any()
+    assert track["face_found"][was_decoded].mean() > 0.9
+    assert np.isnan(track["confidence"][~track["face_found"]]).all()
+    last = err.strip().splitlines()[-1]
+    assert f"{len(decoded)} frames" in last and f"{183 - len(decoded)} undecodable frames skipped" in last, err
+
+
+def test_portrait_video_with_rotation_metadata_is_fitted_upright(tmp_path, capsys, rotated_mp4):
+    """A phone's portrait video (pictures stored turned, a display matrix to turn them back) gives
+    the take the same video upright gives: the same head angles and blendshapes (issue 14; before,
+    the face was fitted sideways: head roll 90 degrees off)."""
+    portrait = [bgr[:, 64:448] for bgr in _read_frames(D12, 10)]  # 384 wide, 512 high
+    tracks = {}
+    for degrees in (0, 90):
+        clip = rotated_mp4(portrait, tmp_path / f"portrait{degrees}.mp4", D12_FPS, degrees)
+        out = tmp_path / f"take{degrees}"
+        code, err = _run(["video", clip, "--out", out, "--quiet", "--mesh-format", "none"], capsys)
+        assert code == 0, err
+        tracks[degrees] = load_track(out / "track.npz")
+        assert tracks[degrees]["face_found"].all()
+        np.testing.assert_array_equal(tracks[degrees]["image_size"], [384, 512])
+    angles = {d: np.degrees([yaw_pitch_roll(head_rotation(R)) for R in t["rotation"].astype(np.float64)])
+              for d, t in tracks.items()}
+    assert np.abs(angles[90] - angles[0]).max() < 1.5, np.round(angles[90] - angles[0], 2)  # measured 0.35
+    assert np.abs(tracks[90]["blendshapes"] - tracks[0]["blendshapes"]).mean() < 0.01  # measured 0.0007
+
+
     empty = tmp_path / "empty"
     empty.mkdir()
     code, err = _run(["image", empty, "--out", tmp_path / "o", "--quiet"], capsys)

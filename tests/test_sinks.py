@@ -260,7 +260,7 @@ def test_track_round_trip_with_missing_face(tmp_path):
         "translation": ((4, 3), np.float32), "camera_matrix": ((3, 3), np.float64),
         "landmarks68": ((4, 68, 2), np.float32), "image_size": ((2,), np.int64),
         "identity_per_frame": ((4, 60), np.float32), "eyes_ypr_rad": ((4, 2, 3), np.float32),
-        "fps": ((), np.float64),
+        "fps": ((), np.float64), "decoded": ((4,), np.bool_), "confidence": ((4,), np.float32),
     }
     assert set(t) == set(expected)
     assert np.isnan(t["identity_per_frame"]).all()  # no frame passed its identity
@@ -326,6 +326,7 @@ def test_track_rejects_bad_shapes(tmp_path):
     w = TrackWriter(tmp_path / "t.npz", _camera(), (640, 480), n_expression=10)
     with pytest.raises(ValueError):
         w.add(0, 0.0, True, expression=np.zeros(53))
+    assert t["decoded"].all() and np.isnan(t["confidence"]).all()  # defaults: decoded, no confidence given
     with pytest.raises(ValueError):
         TrackWriter(tmp_path / "u.npz", np.eye(2), (640, 480))
 
@@ -347,5 +348,18 @@ def test_background_mesh_writer_writes_every_mesh_and_reports_errors(tmp_path):
     bad.write(0, np.full((4, 3), np.nan, np.float32))  # OBJ refuses NaN vertices, on the thread
     with pytest.raises(ValueError):
         for i in range(1, 50):  # raised by a later write, or at the latest by close
+def test_track_marks_undecodable_frames_and_keeps_confidence_with_a_face(tmp_path):
+    path = tmp_path / "track.npz"
+    face = dict(blendshapes=np.full(52, 0.1), rotation=np.eye(3), translation=[0.0, 0.0, 50.0])
+    with TrackWriter(path, _camera(), (640, 480)) as w:
+        w.add(0, 0.0, True, confidence=1.0, **face)
+        w.add(1, 0.04, False, decoded=False, confidence=0.3)  # no picture: no face, nothing kept
+        w.add(2, 0.08, True, confidence=0.45, **face)         # followed through a profile
+    t = load_track(path)
+    np.testing.assert_array_equal(t["decoded"], [True, False, True])
+    np.testing.assert_allclose(t["confidence"], [1.0, np.nan, 0.45])
+    np.testing.assert_allclose(t["time_s"], [0.0, 0.04, 0.08])
+
+
             bad.write(i, verts[0])
         bad.close()
