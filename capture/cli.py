@@ -279,6 +279,8 @@ def _load_capture(args, static: bool, raw: bool = False):
 def _report(summary, out: Path | None) -> None:
     fps = summary.frames / summary.wall_s if summary.wall_s > 0 else 0.0
     line = f"{summary.frames} frames, {summary.faces} with a face, {fps:.1f} frames/s"
+    if summary.skipped:
+        line += f", {summary.skipped} undecodable frames skipped (decoded=False in track.npz)"
     if summary.dropped:
         line += f", {summary.dropped} stale frames dropped"
     if out is not None:
@@ -290,8 +292,6 @@ def cmd_video(args) -> int:
     from capture.pipeline import run_take
     from capture.sources import VideoSource
 
-    if summary.skipped:
-        line += f", {summary.skipped} undecodable frames skipped (decoded=False in track.npz)"
     source = VideoSource(args.input)
     out = args.out or _default_out(args.input)
     try:

@@ -426,6 +426,11 @@ class TrackWriter:
     pixels). Until known, camera_matrix is NaN and image_size (0, 0); until
     ``set_identity``, identity is empty (0,).
 
+    ``decoded`` is False on a frame the source could not decode (a corrupt
+    video's skipped frame: no face, NaN everywhere, time and index kept);
+    ``confidence`` is the tracker's on a frame with a face (1: FaceMesh's own
+    landmarks; at most 0.5: followed through a profile), NaN without one.
+
     ``add`` re-saves at most every ``checkpoint_every_s`` of wall time (the
     first ``add`` saves at once), so a crash loses little; each save
     rewrites the whole file atomically. Saves grow with the take (~110 ms
@@ -433,11 +438,6 @@ class TrackWriter:
     ``CHECKPOINT_COST_RATIO`` times the last save's duration, keeping
     checkpoints under ~5% of wall time on long takes.
     """
-
-    ``decoded`` is False on a frame the source could not decode (a corrupt
-    video's skipped frame: no face, NaN everywhere, time and index kept);
-    ``confidence`` is the tracker's on a frame with a face (1: FaceMesh's own
-    landmarks; at most 0.5: followed through a profile), NaN without one.
 
     #: Wall time between checkpoints, as a multiple of the last save's duration.
     CHECKPOINT_COST_RATIO = 20.0
@@ -464,6 +464,8 @@ class TrackWriter:
             "frame_index": ((), np.int64, 0),
             "time_s": ((), np.float64, np.nan),
             "face_found": ((), np.bool_, False),
+            "decoded": ((), np.bool_, True),
+            "confidence": ((), np.float32, np.nan),
             "blendshapes": ((n_bs,), np.float32, np.nan),
             "expression": ((self.n_expression,), np.float32, np.nan),
             "rotation": ((3, 3), np.float32, np.nan),
@@ -472,8 +474,6 @@ class TrackWriter:
             "eyes_ypr_rad": ((2, 3), np.float32, np.nan),
             "identity_per_frame": ((self.n_identity,), np.float32, np.nan),
         }
-            "decoded": ((), np.bool_, True),
-            "confidence": ((), np.float32, np.nan),
         self._buf = {k: np.full((0, *s), fill, dtype=dt) for k, (s, dt, fill) in self._spec.items()}
 
     def set_camera(self, camera_matrix=None, image_size=None) -> None:
@@ -528,6 +528,7 @@ class TrackWriter:
         self._buf["frame_index"][i] = int(frame_index)
         self._buf["time_s"][i] = float(time_s)
         self._buf["face_found"][i] = bool(face_found)
+        self._buf["decoded"][i] = bool(decoded)
         for name in values:
             self._buf[name][i] = checked.get(name, np.nan)
         self._count += 1
@@ -536,7 +537,6 @@ class TrackWriter:
         if time.monotonic() - self._last_save_s >= interval_s:
             self.save()
 
-        self._buf["decoded"][i] = bool(decoded)
     @property
     def frames(self) -> int:
         """Frames added so far."""

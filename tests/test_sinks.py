@@ -263,6 +263,7 @@ def test_track_round_trip_with_missing_face(tmp_path):
         "fps": ((), np.float64), "decoded": ((4,), np.bool_), "confidence": ((4,), np.float32),
     }
     assert set(t) == set(expected)
+    assert t["decoded"].all() and np.isnan(t["confidence"]).all()  # defaults: decoded, no confidence given
     assert np.isnan(t["identity_per_frame"]).all()  # no frame passed its identity
     assert np.isnan(t["eyes_ypr_rad"]).all() and np.isnan(t["fps"])  # none given: NaN, not invented
     for name, (shape, dtype) in expected.items():
@@ -282,6 +283,19 @@ def test_track_round_trip_with_missing_face(tmp_path):
         for k in (0, 1, 3):
             np.testing.assert_allclose(t[name][k], np.asarray(frames[k][1][name], np.float32))
     assert sorted(os.listdir(tmp_path)) == ["track.npz"]
+
+
+def test_track_marks_undecodable_frames_and_keeps_confidence_with_a_face(tmp_path):
+    path = tmp_path / "track.npz"
+    face = dict(blendshapes=np.full(52, 0.1), rotation=np.eye(3), translation=[0.0, 0.0, 50.0])
+    with TrackWriter(path, _camera(), (640, 480)) as w:
+        w.add(0, 0.0, True, confidence=1.0, **face)
+        w.add(1, 0.04, False, decoded=False, confidence=0.3)  # no picture: no face, nothing kept
+        w.add(2, 0.08, True, confidence=0.45, **face)         # followed through a profile
+    t = load_track(path)
+    np.testing.assert_array_equal(t["decoded"], [True, False, True])
+    np.testing.assert_allclose(t["confidence"], [1.0, np.nan, 0.45])
+    np.testing.assert_allclose(t["time_s"], [0.0, 0.04, 0.08])
 
 
 def test_track_checkpoint_before_close(tmp_path):
@@ -326,7 +340,6 @@ def test_track_rejects_bad_shapes(tmp_path):
     w = TrackWriter(tmp_path / "t.npz", _camera(), (640, 480), n_expression=10)
     with pytest.raises(ValueError):
         w.add(0, 0.0, True, expression=np.zeros(53))
-    assert t["decoded"].all() and np.isnan(t["confidence"]).all()  # defaults: decoded, no confidence given
     with pytest.raises(ValueError):
         TrackWriter(tmp_path / "u.npz", np.eye(2), (640, 480))
 
@@ -348,18 +361,5 @@ def test_background_mesh_writer_writes_every_mesh_and_reports_errors(tmp_path):
     bad.write(0, np.full((4, 3), np.nan, np.float32))  # OBJ refuses NaN vertices, on the thread
     with pytest.raises(ValueError):
         for i in range(1, 50):  # raised by a later write, or at the latest by close
-def test_track_marks_undecodable_frames_and_keeps_confidence_with_a_face(tmp_path):
-    path = tmp_path / "track.npz"
-    face = dict(blendshapes=np.full(52, 0.1), rotation=np.eye(3), translation=[0.0, 0.0, 50.0])
-    with TrackWriter(path, _camera(), (640, 480)) as w:
-        w.add(0, 0.0, True, confidence=1.0, **face)
-        w.add(1, 0.04, False, decoded=False, confidence=0.3)  # no picture: no face, nothing kept
-        w.add(2, 0.08, True, confidence=0.45, **face)         # followed through a profile
-    t = load_track(path)
-    np.testing.assert_array_equal(t["decoded"], [True, False, True])
-    np.testing.assert_allclose(t["confidence"], [1.0, np.nan, 0.45])
-    np.testing.assert_allclose(t["time_s"], [0.0, 0.04, 0.08])
-
-
             bad.write(i, verts[0])
         bad.close()
