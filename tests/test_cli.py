@@ -569,7 +569,6 @@ def test_truncated_video_keeps_what_was_decoded(tmp_path, capsys):
     assert leftovers == []
 
 
-def test_empty_folder(tmp_path, capsys):
 def test_corrupt_video_skips_undecodable_frames(corrupt_d12, tmp_path, capsys):
     """Corrupt bytes mid-video (issue 14): every frame that decodes is captured to the real end;
     the undecodable ones keep their row, index and time in track.npz, marked decoded=False,
@@ -614,6 +613,7 @@ def test_portrait_video_with_rotation_metadata_is_fitted_upright(tmp_path, capsy
     assert np.abs(tracks[90]["blendshapes"] - tracks[0]["blendshapes"]).mean() < 0.01  # measured 0.0007
 
 
+def test_empty_folder(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     code, err = _run(["image", empty, "--out", tmp_path / "o", "--quiet"], capsys)
