@@ -606,7 +606,7 @@ def main(argv=None) -> int:
     handlers = {"video": cmd_video, "image": cmd_image, "live": cmd_live, "stream": cmd_stream,
                 "calibrate": cmd_calibrate, "export": cmd_export, "train": cmd_train}
     handler = cmd_model_import if args.command == "model" else handlers[args.command]
-    previous_sigterm = _stop_on_sigterm()
+    sigterm_handled, previous_sigterm = _stop_on_sigterm()
     try:
         try:
             _check_numbers(args)
@@ -619,7 +619,7 @@ def main(argv=None) -> int:
             print(f"capture: error: {message}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: outputs are finished on the way out
-            if previous_sigterm is not None and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+            if sigterm_handled and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
                 print("capture: terminated", file=sys.stderr)
                 return 128 + signal.SIGTERM
             print("capture: interrupted", file=sys.stderr)
@@ -628,25 +628,28 @@ def main(argv=None) -> int:
         silence_std_streams()
         return 128 + signal.SIGPIPE
     finally:
-        if previous_sigterm is not None:
+        if sigterm_handled:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
 
-def _stop_on_sigterm():
+def _stop_on_sigterm() -> tuple[bool, object]:
     """Makes SIGTERM stop the command as Ctrl-C does (KeyboardInterrupt in the main thread,
     so every take is finished and saved). Once: further SIGTERMs, while the files are being
     finished, are ignored (SIGKILL still ends at once), which also tells main which signal
-    it was. Returns the previous handler, or None where none can be set (not the main thread)."""
+    it was. Returns (installed, the previous handler); not installed outside the main thread
+    or where SIGTERM was ignored when capture started (the parent's choice stands)."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous == signal.SIG_IGN:
+        return False, previous
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt("SIGTERM")
 
-    return signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, stop)
+    return True, previous
 
 
 #: Numeric options that must be finite and > 0 (flag, dest); whole numbers come typed as int.
