@@ -34,8 +34,10 @@ CROP_SIZE_PX = 256
 #: A face followed in a crop goes back to the whole-frame tracker once its
 #: landmarks span more than this many pixels.
 HANDOVER_SPAN_PX = 150.0
+#: FaceMesh keeps a face while its landmark model's face-presence score is at least this.
+FACEMESH_MIN_PRESENCE = 0.5
 #: A face followed from the previous fit is kept while FaceMesh's landmark model gives it at least this
-#: face-presence score (FaceMesh itself drops it under 0.5; on a picture without a face it reads < 0.01).
+#: face-presence score (on a picture without a face it reads < 0.01).
 FOLLOW_MIN_PRESENCE = 0.1
 #: FaceMesh's own region: its landmarks' box, the longer side times this (FaceLandmarkLandmarksToRoi).
 FOLLOW_SCALE = 1.5
@@ -154,7 +156,7 @@ class FaceTracker:
 
     def _follow(self, rgb: np.ndarray, region: FollowRegion) -> tuple[np.ndarray | None, float]:
         """FaceMesh's landmark model at the region's centres in turn, until one gives a presence
-        score FaceMesh would keep (0.5): (landmarks, score) of the best."""
+        score FaceMesh would keep (FACEMESH_MIN_PRESENCE): (landmarks, score) of the best."""
         if self._follower is None:
             self._follower = MediaPipeRoiLandmarker()
         best, best_presence = None, 0.0
@@ -162,7 +164,7 @@ class FaceTracker:
             landmarks, presence = self._follower.detect(rgb, centre, region.side_px, region.rotation_rad)
             if landmarks is not None and presence > best_presence:
                 best, best_presence = landmarks, presence
-            if best_presence >= 0.5:
+            if best_presence >= FACEMESH_MIN_PRESENCE:
                 break
         return best, best_presence
 
