@@ -48,9 +48,11 @@ streams (--stream / --to URL, repeatable; host and port may be left out):
   vrchat://HOST:PORT    VRChat OSC, VRCFaceTracking Unified Expressions v2 names (default 127.0.0.1:9000)
   livelink://HOST:PORT  Unreal Live Link Face UDP packets (default 127.0.0.1:11111)
   ws://HOST:PORT        a WebSocket server sending JSON per frame, and a page at http://HOST:PORT/
-                        showing the stream (default 127.0.0.1:8765; 0.0.0.0 to serve other machines)
-A receiver that is absent or goes away never stalls capture. Options go in the URL's query,
-e.g. vmc://127.0.0.1:39539?names=pascal (see README.md, Streaming).
+                        showing the stream (default 127.0.0.1:8765; 0.0.0.0 to serve other machines;
+                        pages from other sites are refused unless ?origins=URL,... names them)
+A receiver that is absent or goes away never stalls capture; sends that fail are reported once
+and only frames that went out are counted. Options go in the URL's query,
+e.g. vmc://127.0.0.1:39539?names=camel (see README.md, Streaming).
 """
 
 MODEL_HELP = """\
@@ -94,6 +96,12 @@ def _stream_options(p: argparse.ArgumentParser, flag: str, required: bool) -> No
                    help="send at most this many frames a second (default: every frame)")
 
 
+def _swap_mouth_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--swap-mouth-lr", action="store_true",
+                   help="Live Link outputs (blendshapes.csv, livelink:// streams): write mouthLeft as "
+                   "MouthRight and back, to match takes from Live Link Face versions that swap them")
+
+
 class CaptureError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
@@ -113,6 +121,7 @@ def _common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     _actor_option(p, "calibration: FILE an actor profile from `capture calibrate`; auto (default) each "
                   "take's neutral from its quietest frames (nothing for photos); off the raw fitted weights")
     _engine_options(p)
+    _swap_mouth_option(p)
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
@@ -178,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("take", type=Path, help="a take folder (with track.npz) or a track.npz file")
     _stream_options(p, "--to", required=True)
     p.add_argument("--speed", type=float, default=1.0, help="playback speed (default: 1, real time)")
-    p.add_argument("--loop", action="store_true", help="replay until Ctrl-C")
+    p.add_argument("--loop", action="store_true",
+                   help="replay until Ctrl-C, each pass after the last on one steady clock")
+    _swap_mouth_option(p)
     _actor_option(p, "auto (default): send the blendshapes as recorded; FILE: re-calibrate them from the "
                   "take's stored expression weights with an actor profile; off: re-make them uncalibrated")
     p.add_argument("--face-model", type=Path, default=None, help="face model .npz (for --actor FILE|off)")
@@ -299,7 +310,7 @@ def cmd_video(args) -> int:
             capture = _load_capture(args, static=False)
             try:
                 summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
-                                   max_frames=args.max_frames)
+                                   max_frames=args.max_frames, swap_mouth_lr=args.swap_mouth_lr)
             finally:
                 capture.close()
     finally:
@@ -317,7 +328,8 @@ def cmd_image(args) -> int:
     with TakeLock(out):
         capture = _load_capture(args, static=True)
         try:
-            summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet)
+            summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
+                               swap_mouth_lr=args.swap_mouth_lr)
         finally:
             capture.close()
     _report(summary, out)
@@ -344,6 +356,8 @@ def _open_streams(args):
             stream.close()
         raise
     for stream in streams:
+        if args.swap_mouth_lr and hasattr(stream, "swap_mouth_lr"):
+            stream.swap_mouth_lr = True
         page = getattr(stream, "page_url", None)
         print(f"streaming to {stream.url}" + (f" (page: {page})" if page else ""), file=sys.stderr)
     return hub
@@ -374,7 +388,7 @@ def cmd_live(args) -> int:
     try:
         summary = run_take(source, capture, args.out, args.mesh_format, progress=not args.quiet,
                            max_frames=args.max_frames, on_result=preview.show if preview else None,
-                           queue_size=1, streams=hub)
+                           queue_size=1, streams=hub, swap_mouth_lr=args.swap_mouth_lr)
     except KeyboardInterrupt:
         summary = None
     finally:
@@ -388,6 +402,8 @@ def cmd_live(args) -> int:
             lock.release()
     if summary is not None:
         _report(summary, args.out)
+    if hub is not None:
+        print(f"streams: {hub.summary()}", file=sys.stderr)
     return 0
 
 
@@ -403,11 +419,9 @@ def _load_take(path: Path) -> tuple[dict, Path]:
 
 
 def cmd_stream(args) -> int:
-    import threading
-
     from tqdm import tqdm
 
-    from capture.streams import replay, track_frames
+    from capture.streams import looped, replay, track_frames
 
     if not args.speed > 0:
         raise CaptureError(f"--speed must be > 0, got {args.speed}")
@@ -422,21 +436,29 @@ def cmd_stream(args) -> int:
         model = FaceModel.load(args.face_model)
         track = recalibrate_track(track, model.arkit_mapping(), _load_actor(args.actor, model))
     hub = _open_streams(args)
-    stop = threading.Event()
-    sent = 0
+    replayed = 0
+    interrupted = False
     try:
-        while True:
-            with tqdm(total=n, unit="frame", disable=args.quiet, dynamic_ncols=True) as bar:
-                sent += replay(track_frames(track), hub, args.speed, should_stop=stop.is_set,
-                               on_frame=lambda _: bar.update(1))
-            if not args.loop:
-                break
+        with tqdm(total=n, unit="frame", disable=args.quiet, dynamic_ncols=True) as bar:
+            def advance(_frame):
+                nonlocal replayed
+                replayed += 1
+                if bar.n >= n:  # the next pass of --loop
+                    bar.reset()
+                bar.update(1)
+
+            replay(looped(lambda: track_frames(track), None if args.loop else 1), hub, args.speed,
+                   on_frame=advance)
+    except KeyboardInterrupt:  # how --loop ends
+        interrupted = True
     finally:
         hub.close()
-    failed = "; ".join(f"{url}: {why}" for url, why in hub.failed.items())
-    print(f"{sent} frames sent to {len(hub.streams)} stream(s)" + (f"; failed: {failed}" if failed else ""),
-          file=sys.stderr)
-    return 1 if len(hub.failed) == len(hub.streams) else 0
+    if hub.nothing_went_out():
+        raise CaptureError(f"nothing was sent: {hub.summary()}")
+    print(f"{replayed} frames replayed; {hub.summary()}", file=sys.stderr)
+    if interrupted and not args.loop:
+        raise KeyboardInterrupt
+    return 0
 
 
 def cmd_calibrate(args) -> int:

@@ -316,12 +316,13 @@ class TakeWriter:
     """
 
     def __init__(self, out_dir: Path, capture: FaceCapture, fps: float, mesh_format: str = "obj",
-                 source_fps: float | None = None):
-        """fps times the CSV's rows; source_fps (None: unknown, e.g. photos) goes into track.npz."""
+                 source_fps: float | None = None, swap_mouth_lr: bool = False):
+        """fps times the CSV's rows; source_fps (None: unknown, e.g. photos) goes into track.npz;
+        swap_mouth_lr exchanges MouthLeft and MouthRight in the CSV only (LiveLinkCsvWriter)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.capture = capture
-        self.csv = LiveLinkCsvWriter(self.out_dir / "blendshapes.csv", fps)
+        self.csv = LiveLinkCsvWriter(self.out_dir / "blendshapes.csv", fps, swap_mouth_lr)
         self.meshes = None
         if mesh_format != "none":
             self.meshes = BackgroundMeshWriter(
@@ -402,7 +403,7 @@ class TakeSummary:
 
 def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, mesh_format: str = "obj",
              progress: bool = True, max_frames: int | None = None, on_result=None,
-             queue_size: int = 4, streams: StreamHub | None = None) -> TakeSummary:
+             queue_size: int = 4, streams: StreamHub | None = None, swap_mouth_lr: bool = False) -> TakeSummary:
     """Drive a source through the pipeline into out_dir (None: no files).
 
     A SourceError raised midway (e.g. a truncated video) propagates after every
@@ -425,7 +426,7 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     writer = None
     if out_dir is not None:
         try:
-            writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps)
+            writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps, swap_mouth_lr)
         except OSError as exc:
             raise OutputError(f"cannot write in the take folder {out_dir}: {reason(exc)}") from None
     total = source.frame_count if max_frames is None else min(max_frames, source.frame_count or max_frames)

@@ -20,7 +20,8 @@ import time
 import numba
 import numpy as np
 
-from engine.arkit import ARKIT_NAMES, LIVELINK_CSV_NAMES, LIVELINK_POSE_NAMES, pascal_case
+from engine.arkit import (ARKIT_NAMES, LIVELINK_CSV_NAMES, LIVELINK_POSE_NAMES, LIVELINK_POSE_SIGNS, livelink_pose,
+                          pascal_case, swap_mouth_left_right)
 
 # --------------------------------------------------------------------------
 # Live Link Face CSV
@@ -66,16 +67,21 @@ class LiveLinkCsvWriter:
     """Writes a Live Link Face CSV, one flushed row per frame.
 
     Values are written with 6 decimals; NaN (e.g. a frame without a face,
-    if the caller passes NaN) is written as ``nan``.
+    if the caller passes NaN) is written as ``nan``. Head and eye angles are
+    given in engine/pose.py's convention and written with the app's signs
+    (yaw and roll negated: yaw > 0 toward the subject's right, as in real
+    Live Link Face takes; engine.arkit.livelink_pose). swap_mouth_lr writes
+    mouthLeft under MouthRight and back, to match app versions that swap them.
     """
 
     HEADER = ("Timecode", "BlendShapeCount", *LIVELINK_CSV_NAMES, *LIVELINK_POSE_NAMES)
 
-    def __init__(self, path, fps: float):
+    def __init__(self, path, fps: float, swap_mouth_lr: bool = False):
         if not (fps > 0.0 and math.isfinite(fps)):
             raise ValueError(f"fps must be finite and > 0, got {fps!r}")
         self.path = os.fspath(path)
         self.fps = float(fps)
+        self.swap_mouth_lr = swap_mouth_lr
         self._order = _csv_order_from_arkit()
         self._file = open(self.path, "w", encoding="ascii", newline="")
         self._file.write(",".join(self.HEADER) + "\n")
@@ -89,11 +95,10 @@ class LiveLinkCsvWriter:
         shapes = np.asarray(blendshapes, dtype=np.float64).reshape(-1)
         if shapes.shape != (len(ARKIT_NAMES),):
             raise ValueError(f"blendshapes must be ({len(ARKIT_NAMES)},), got {shapes.shape}")
-        poses = [np.asarray(p, dtype=np.float64).reshape(-1)
-                 for p in (head_ypr_rad, left_eye_ypr_rad, right_eye_ypr_rad)]
-        if any(p.shape != (3,) for p in poses):
-            raise ValueError("head/eye yaw pitch roll must each be (3,)")
-        values = np.concatenate([shapes[self._order], *poses]).tolist()
+        if self.swap_mouth_lr:
+            shapes = swap_mouth_left_right(shapes)
+        pose = livelink_pose(head_ypr_rad, left_eye_ypr_rad, right_eye_ypr_rad)
+        values = np.concatenate([shapes[self._order], pose]).tolist()
         row = [livelink_timecode(float(time_s), self.fps), str(len(values))]
         row.extend("%.6f" % v for v in values)
         # One write call per row, then flush: a crash keeps every full row.
@@ -117,7 +122,10 @@ def read_livelink_csv(path):
 
     Columns are found by header name, so any column order works. A short
     last row (a line cut by a crash) is skipped; a short row elsewhere is an
-    error. Pose columns are in LIVELINK_POSE_NAMES order, radians.
+    error. Pose columns are in LIVELINK_POSE_NAMES order, radians, turned back
+    into engine/pose.py's convention (the file's yaw and roll negated), so a
+    real Live Link Face take and ours read the same way. Shapes are read by
+    name as written (no mouth swap).
     """
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
@@ -140,8 +148,8 @@ def read_livelink_csv(path):
     pose_cols = [col[n] for n in LIVELINK_POSE_NAMES]
     blendshapes = np.array([[float(r[c]) for c in shape_cols] for r in body],
                            dtype=np.float32).reshape(len(body), len(ARKIT_NAMES))
-    pose = np.array([[float(r[c]) for c in pose_cols] for r in body],
-                    dtype=np.float32).reshape(len(body), len(LIVELINK_POSE_NAMES))
+    pose = (np.array([[float(r[c]) for c in pose_cols] for r in body]).reshape(len(body), len(LIVELINK_POSE_NAMES))
+            * LIVELINK_POSE_SIGNS).astype(np.float32)
     return timecodes, blendshapes, pose
 
 

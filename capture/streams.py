@@ -9,7 +9,9 @@ thread with a bounded queue per client.
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import math
 import socket
 import sys
 import time
@@ -54,7 +56,12 @@ class StreamFrame:
 
 class Stream:
     """One receiver. send() must neither block nor raise because a receiver is
-    absent or slow; latency_s collects (sent - captured) per frame sent."""
+    absent or slow; latency_s collects (sent - captured) per frame sent.
+
+    offered counts the frames the hub handed over, sent those that really went
+    out; send_error is the first reason a send failed (None while none has),
+    which the hub reports once.
+    """
 
     scheme = ""
     default_port = 0
@@ -62,7 +69,9 @@ class Stream:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self.latency_s: list[float] = []
+        self.offered = 0
         self.sent = 0
+        self.send_error: str | None = None
 
     @property
     def url(self) -> str:
@@ -71,16 +80,30 @@ class Stream:
     def send(self, frame: StreamFrame) -> None:
         raise NotImplementedError
 
+    def summary(self) -> str:
+        """What went out, for the line printed at the end."""
+        line = f"{self.url}: {self.sent} of {self.offered} frames sent"
+        return line + (f" (sending failed: {self.send_error})" if self.send_error else "")
+
     def close(self) -> None:
         pass
 
 
 class UdpStream(Stream):
     """A stream of UDP datagrams from an unconnected, non-blocking socket: a
-    missing receiver costs nothing and a full send buffer drops the datagram."""
+    missing receiver costs nothing and a full send buffer drops the datagram.
+
+    A frame counts as sent when every one of its datagrams was handed to the
+    network. Datagrams the system refuses (a broadcast address, an unreachable
+    network, ...) are dropped and counted, and the first reason is kept in
+    send_error; a full buffer only drops (it passes).
+    """
 
     def __init__(self, host: str, port: int):
         super().__init__(host, port)
+        if not 0 < port < 65536:
+            raise StreamError(f"{self.scheme}://{host}:{port}: no receiver listens on port {port}; "
+                              f"give its port (1-65535), or leave it out for {self.default_port}")
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         except socket.gaierror as exc:
@@ -91,16 +114,31 @@ class UdpStream(Stream):
         self.dropped = 0
 
     def send_datagrams(self, datagrams: list[bytes], captured_s: float) -> None:
+        failed = 0
         for data in datagrams:
             try:
                 self._socket.sendto(data, self._address)
-            except OSError:  # buffer full, ICMP refusal reported late, network down: drop it
-                self.dropped += 1
-        self.sent += 1
-        self.latency_s.append(time.perf_counter() - captured_s)
+            except BlockingIOError:  # send buffer full: drop this one, the next frame replaces it
+                failed += 1
+            except OSError as exc:
+                failed += 1
+                if self.send_error is None:
+                    self.send_error = _send_failure(exc)
+        self.dropped += failed
+        if not failed:
+            self.sent += 1
+            self.latency_s.append(time.perf_counter() - captured_s)
 
     def close(self) -> None:
         self._socket.close()
+
+
+def _send_failure(exc: OSError) -> str:
+    """Why a datagram could not go out, in a few words."""
+    why = exc.strerror or type(exc).__name__
+    if exc.errno == errno.EACCES:
+        why += " (a broadcast address? capture does not broadcast)"
+    return why
 
 
 #: scheme -> (module, class) of the protocols; imported when a URL asks for one.
@@ -148,7 +186,8 @@ class StreamHub:
     """Sends each frame to every stream, at most max_fps frames a second.
 
     A stream that raises is reported once on stderr and skipped from then on:
-    a bug in one protocol never stops capture or the other streams.
+    a bug in one protocol never stops capture or the other streams. A stream
+    whose sends fail (send_error) is reported once and goes on trying.
     """
 
     def __init__(self, streams: list[Stream], max_fps: float | None = None):
@@ -158,23 +197,46 @@ class StreamHub:
         self.min_interval_s = 1.0 / max_fps if max_fps else 0.0
         self._last_time_s = -np.inf
         self.failed: dict[str, str] = {}
+        self._warned: set[str] = set()
 
     def send(self, frame: StreamFrame) -> bool:
         """Returns False when the rate cap skipped the frame."""
-        # 1 ms slack: a camera's 30 frames/s should not be cut to 15 by a cap of 30
-        if frame.time_s - self._last_time_s < self.min_interval_s - 1e-3:
+        # 1 ms slack: a camera's 30 frames/s should not be cut to 15 by a cap of 30. A clock
+        # that goes back (a new take, a replay's next pass) starts the cap afresh.
+        since = frame.time_s - self._last_time_s
+        if 0 <= since < self.min_interval_s - 1e-3:
             return False
         self._last_time_s = frame.time_s
         for stream in self.streams:
             if stream.url in self.failed:
                 continue
+            stream.offered += 1
             try:
                 stream.send(frame)
             except Exception as exc:  # noqa: BLE001 - one protocol's failure must not stop capture
                 self.failed[stream.url] = f"{type(exc).__name__}: {exc}"
                 print(f"capture: warning: stream {stream.url} stopped: {self.failed[stream.url]}",
                       file=sys.stderr)
+                continue
+            if stream.send_error is not None and stream.url not in self._warned:
+                self._warned.add(stream.url)
+                print(f"capture: warning: stream {stream.url}: sending fails: {stream.send_error}; "
+                      "only frames that go out are counted", file=sys.stderr)
         return True
+
+    def summary(self) -> str:
+        """One line: what each stream really sent."""
+        parts = []
+        for stream in self.streams:
+            part = stream.summary()
+            if stream.url in self.failed:
+                part += f" (stopped: {self.failed[stream.url]})"
+            parts.append(part)
+        return "; ".join(parts)
+
+    def nothing_went_out(self) -> bool:
+        """True when every stream stopped, or failed to send every frame it was given."""
+        return all(s.url in self.failed or (s.send_error is not None and s.sent == 0) for s in self.streams)
 
     def close(self) -> None:
         for stream in self.streams:
@@ -221,18 +283,57 @@ def track_frames(track: dict[str, np.ndarray]):
         yield frame
 
 
-def replay(frames, hub: StreamHub, speed: float = 1.0, should_stop=None, on_frame=None) -> int:
+#: Longest pause replay() keeps between two frames of a take, seconds; longer gaps (a
+#: paused camera, a broken clock) are shortened to this so that replay never hangs.
+MAX_REPLAY_GAP_S = 1.0
+
+
+def looped(frames_of_pass, passes: int | None = None):
+    """Frames of one pass after another (frames_of_pass() makes a pass); passes=None: for ever."""
+    done = 0
+    while passes is None or done < passes:
+        yield from frames_of_pass()
+        done += 1
+
+
+def replay(frames, hub: StreamHub, speed: float = 1.0, should_stop=None, on_frame=None,
+           max_gap_s: float = MAX_REPLAY_GAP_S) -> int:
     """Sends recorded frames at their own times (scaled by 1/speed); returns frames sent.
 
     Frames are sent as their time comes, so a slow receiver never slows the
-    clock; should_stop() is polled between frames.
+    clock; should_stop() is polled between frames. Each frame's time_s is
+    rewritten to the replay's own clock, which starts at the first frame's time
+    and only moves forward: a gap of more than max_gap_s counts as max_gap_s (said
+    once on stderr), and a time that goes back or is not a number (the next
+    pass of a loop, a broken take) counts as one frame interval. Receivers thus
+    see one steady clock across loop passes.
     """
     start = None
+    clock_s = previous_s = shift_s = 0.0  # clock = take time + shift, the shift changing only at jumps
     sent = 0
+    told = False
     for frame in frames:
+        original_s = frame.time_s
         if start is None:
-            start = time.perf_counter() - frame.time_s / speed
-        delay = start + frame.time_s / speed - time.perf_counter()
+            clock_s = original_s if math.isfinite(original_s) else 0.0
+            shift_s = clock_s - original_s if math.isfinite(original_s) else 0.0
+            start = time.perf_counter() - clock_s / speed
+        else:
+            step_s = original_s - previous_s
+            if not (math.isfinite(step_s) and 0 <= step_s <= max_gap_s):
+                if math.isfinite(step_s) and step_s > max_gap_s:
+                    if not told:
+                        print(f"capture: note: the take's time jumps {step_s:.6g} s at frame {frame.index}; "
+                              f"replay shortens gaps over {max_gap_s:g} s to {max_gap_s:g} s", file=sys.stderr)
+                        told = True
+                    step_s = max_gap_s
+                else:  # back in time (the next pass of a loop) or not a number: one frame on
+                    step_s = 1.0 / frame.fps if math.isfinite(frame.fps) and frame.fps > 0 else 1.0 / 30
+                shift_s = clock_s + step_s - original_s if math.isfinite(original_s) else 0.0
+            clock_s = original_s + shift_s if math.isfinite(original_s) else clock_s + step_s
+        previous_s = original_s
+        frame.time_s = clock_s
+        delay = start + clock_s / speed - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         if should_stop is not None and should_stop():

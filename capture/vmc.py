@@ -1,16 +1,27 @@
 """The vmc:// stream: VMC protocol (OSC over UDP) to VSeeFace, Warudo, VNyan, VirtualMotionCapture...
 
-Each frame is ONE OSC bundle (the protocol sends bundles so that a frame
-arrives whole; receivers buffer blend values and apply them together):
+Each frame is sent as OSC bundles of at most MAX_BUNDLE_BYTES (1,452) bytes:
+the VMC specification asks for bundles of 1,500 bytes at most, because over
+Wi-Fi a larger datagram is split into IP fragments and losing any one loses
+it all; 1,452 bytes of UDP payload fit one 1,500-byte Ethernet or Wi-Fi frame
+with IPv6's or IPv4's headers. Receivers buffer blend values until Apply, so a
+frame may span several bundles; in order:
 
-    /VMC/Ext/Blend/Val  (s name, f value)       x 52, ARKit order
-    /VMC/Ext/Blend/Apply
-    /VMC/Ext/Bone/Pos   (s "Head", f px py pz, f qx qy qz qw)
-    /VMC/Ext/OK         (i loaded=1, i calibration state=3, i calibration mode=0, i tracking 1|0)
+    /VMC/Ext/Blend/Val  (s name, f value)       x 52, ARKit order, as many per bundle as fit
+    /VMC/Ext/Blend/Apply                         } always together in the last bundle,
+    /VMC/Ext/Bone/Pos   (s "Head", f px py pz, f qx qy qz qw)    } so a frame's pose and
+    /VMC/Ext/OK         (i loaded=1, i calibration state=3,      } Apply arrive together
+                         i calibration mode=0, i tracking 1|0)   }
     /VMC/Ext/T          (f seconds: the frame's time since capture started)
 
-A frame without a face sends only OK (tracking 0) and T, so the avatar
-holds its last pose and expression instead of snapping to neutral.
+A face frame is two bundles (about 2.8 KB in all). A frame without a face
+sends one bundle with only OK (tracking 0) and T, so the avatar holds its
+last pose and expression instead of snapping to neutral.
+
+Names. The specification's names are case-sensitive, and VMagicMirror's Perfect
+Sync clips are PascalCase (EyeBlinkLeft), so that is the default; ``names=camel`` sends ARKit's own camelCase (eyeBlinkLeft) for
+receivers set up with it (``names=arkit`` is the same). EVMC4U lower-cases
+names before matching, so either works there.
 
 Head rotation. R_head is in ARKit's face-anchor frame (+x the subject's
 left, +y up, +z out of the face). A VMC bone rotation is Unity's local
@@ -34,15 +45,7 @@ No /VMC/Ext/Root/Pos is sent: a face tracker knows nothing of the body's
 place in the room, and EVMC4U applies a received root pose to the model
 (RootPositionSynchronize), which would pin the avatar to the origin.
 
-Options (URL query): ``names=arkit`` (eyeBlinkLeft, the default) or
-``names=pascal`` (EyeBlinkLeft) -- which capitalisation receivers match is
-not verified (EVMC4U lower-cases names before matching, so either works
-there); ``head_pos=X,Y,Z``.
-
-Size: a face frame's bundle is about 2.7 KB. That is one datagram on loopback
-and on typical LANs (IP fragments it into 3 packets at MTU 1500; losing any
-one loses the frame, which the next frame replaces); it stays far below
-UDP's 65507-byte limit.
+Options (URL query): ``names=pascal`` (default) or ``names=camel``; ``head_pos=X,Y,Z``.
 """
 from __future__ import annotations
 
@@ -54,11 +57,18 @@ from capture.osc import osc_bundle, osc_message
 from capture.streams import StreamError, StreamFrame, UdpStream
 from engine.arkit import ARKIT_NAMES, pascal_case
 
-#: Blend shape name styles for the names= option.
+#: Blend shape name styles for the names= option (arkit: the same as camel).
 NAME_STYLES = {
-    "arkit": ARKIT_NAMES,
     "pascal": tuple(pascal_case(n) for n in ARKIT_NAMES),
+    "camel": ARKIT_NAMES,
+    "arkit": ARKIT_NAMES,
 }
+PASCAL_NAMES = NAME_STYLES["pascal"]
+
+#: Largest bundle (UDP payload) sent: 1,500-byte frame - 40 (IPv6 header) - 8 (UDP header).
+MAX_BUNDLE_BYTES = 1452
+#: A bundle's own bytes before its elements: "#bundle\0" and the 8-byte time tag.
+_BUNDLE_HEADER_BYTES = 16
 
 #: Head bone local position (metres, Unity axes) relative to the Neck: a
 #: typical VRoid-sized avatar's rest offset (unverified for any given avatar).
@@ -101,23 +111,52 @@ def quaternion_xyzw(R: np.ndarray) -> tuple[float, float, float, float]:
     return tuple(float(v) for v in q)
 
 
-def vmc_bundle(frame: StreamFrame, names=ARKIT_NAMES,
-               head_position_m=DEFAULT_HEAD_POSITION_M) -> bytes:
-    """One frame -> one OSC bundle (see the module docstring for its layout)."""
+def vmc_bundles(frame: StreamFrame, names=PASCAL_NAMES,
+                head_position_m=DEFAULT_HEAD_POSITION_M) -> list[bytes]:
+    """One frame -> its OSC bundles, each at most MAX_BUNDLE_BYTES (layout in the module docstring).
+
+    Blend values fill bundles in order; Apply, the head bone, OK and T always
+    travel together in the last one.
+    """
     found = frame.face_found and frame.blendshapes is not None
-    messages = []
+    values_messages = []
+    last = []
     if found:
         values = np.clip(np.nan_to_num(np.asarray(frame.blendshapes, dtype=np.float64)), 0.0, 1.0)
         if values.shape != (len(names),):
             raise ValueError(f"expected {len(names)} blendshapes, got shape {values.shape}")
-        messages += [osc_message("/VMC/Ext/Blend/Val", name, float(v)) for name, v in zip(names, values)]
-        messages.append(osc_message("/VMC/Ext/Blend/Apply"))
+        values_messages = [osc_message("/VMC/Ext/Blend/Val", name, float(v)) for name, v in zip(names, values)]
+        last.append(osc_message("/VMC/Ext/Blend/Apply"))
         if frame.head_rotation is not None:
-            messages.append(osc_message("/VMC/Ext/Bone/Pos", "Head", *map(float, head_position_m),
-                                        *unity_head_quaternion(frame.head_rotation)))
-    messages.append(osc_message("/VMC/Ext/OK", 1, CALIBRATED, NORMAL_MODE, 1 if found else 0))
-    messages.append(osc_message("/VMC/Ext/T", float(frame.time_s)))
-    return osc_bundle(messages)
+            last.append(osc_message("/VMC/Ext/Bone/Pos", "Head", *map(float, head_position_m),
+                                    *unity_head_quaternion(frame.head_rotation)))
+    last.append(osc_message("/VMC/Ext/OK", 1, CALIBRATED, NORMAL_MODE, 1 if found else 0))
+    time_s = float(frame.time_s) if math.isfinite(frame.time_s) else 0.0
+    last.append(osc_message("/VMC/Ext/T", time_s))
+    return pack_bundles(values_messages, last)
+
+
+def pack_bundles(messages: list[bytes], last: list[bytes], limit: int = MAX_BUNDLE_BYTES) -> list[bytes]:
+    """Messages in order into as few bundles of at most `limit` bytes as they fill, with every
+    message of `last` in the final bundle (so the final one holds some of `messages` only
+    where they fit beside `last`)."""
+    def size(group):
+        return _BUNDLE_HEADER_BYTES + sum(4 + len(m) for m in group)  # each element has an int32 length
+
+    if size(last) > limit or any(size([m]) > limit for m in messages):
+        raise ValueError(f"an OSC message does not fit a {limit}-byte bundle")
+    groups, group, used = [], [], _BUNDLE_HEADER_BYTES
+    for message in messages:
+        if used + 4 + len(message) > limit:
+            groups.append(group)
+            group, used = [], _BUNDLE_HEADER_BYTES
+        group.append(message)
+        used += 4 + len(message)
+    if used + size(last) - _BUNDLE_HEADER_BYTES > limit:
+        groups.append(group)
+        group = []
+    groups.append(group + last)
+    return [osc_bundle(g) for g in groups if g]
 
 
 def _parse_position(text: str) -> tuple[float, float, float]:
@@ -131,7 +170,7 @@ def _parse_position(text: str) -> tuple[float, float, float]:
 
 
 class VmcStream(UdpStream):
-    """Sends each frame as one VMC bundle to a Marionette (receiver) app."""
+    """Sends each frame as VMC bundles (see vmc_bundles) to a Marionette (receiver) app."""
 
     scheme = "vmc"
     default_port = 39539
@@ -140,7 +179,7 @@ class VmcStream(UdpStream):
         unknown = sorted(set(options) - {"names", "head_pos"})
         if unknown:
             raise StreamError(f"unknown vmc:// option(s) {', '.join(unknown)}; known: names, head_pos")
-        style = options.get("names", "arkit")
+        style = options.get("names", "pascal")
         if style not in NAME_STYLES:
             raise StreamError(f"vmc:// names must be one of {', '.join(NAME_STYLES)}; got {style!r}")
         head_position = _parse_position(options["head_pos"]) if "head_pos" in options else DEFAULT_HEAD_POSITION_M
@@ -149,4 +188,4 @@ class VmcStream(UdpStream):
         self.head_position_m = head_position
 
     def send(self, frame: StreamFrame) -> None:
-        self.send_datagrams([vmc_bundle(frame, self.names, self.head_position_m)], frame.captured_s)
+        self.send_datagrams(vmc_bundles(frame, self.names, self.head_position_m), frame.captured_s)

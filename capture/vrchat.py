@@ -34,15 +34,14 @@ both ARKit and VRCFT; every result is clipped to its range; "x" below marks
 parameters sent per side with the same formula):
 
 Eye gaze, from eyes_ypr_rad (yaw > 0 looks toward the subject's left,
-pitch > 0 looks down). VRCFT's +X looks to the subject's right and +Y up
-(VRCFT turns X, Y into VRChat's yaw = atan(X), pitch = -atan(Y), and VRChat's
-positive yaw is to the user's right). Angles are normalised linearly:
-1 = 45 degrees (GAZE_FULL_SCALE_RAD; VRCFT's docs describe 45 degrees as 1
-for blend trees), clipped to -1..1.
+pitch > 0 looks down). VRCFT's +X looks to the subject's right and +Y up,
+and VRCFT reads X and Y as tangents (its yaw = atan(X), pitch = atan(Y)),
+so each is the tangent of the angle, clipped to -1..1 (45 degrees; VRCFT's
+docs describe 45 degrees as 1 for blend trees):
 
-    EyeLeftX,  EyeRightX    -yaw  / 45 deg   of that eye           -1..1
-    EyeLeftY,  EyeRightY    -pitch / 45 deg  of that eye           -1..1
-    EyeX, EyeY              mean of the two eyes                    -1..1
+    EyeLeftX,  EyeRightX    tan(-yaw)   of that eye                -1..1
+    EyeLeftY,  EyeRightY    tan(-pitch) of that eye                -1..1
+    EyeX, EyeY              mean of the two eyes' tangents          -1..1
 
 Eyes
 
@@ -125,9 +124,6 @@ from capture.osc import osc_message
 from capture.streams import StreamError, StreamFrame, UdpStream
 from engine.arkit import ARKIT_NAMES
 
-#: Eye angle that maps to a gaze parameter of +-1 (radians).
-GAZE_FULL_SCALE_RAD = math.radians(45.0)
-
 #: Characters OSC reserves in address patterns; a prefix may not hold them.
 _OSC_RESERVED = set(" #*,?[]{}")
 
@@ -135,10 +131,9 @@ _SIDES = ("Left", "Right")
 
 
 def _eye_parameters(eyes_ypr_rad) -> dict[str, float]:
-    """Gaze parameters from (2, 3) [yaw, pitch, roll] radians, left eye first."""
-    eyes = np.nan_to_num(np.asarray(eyes_ypr_rad, dtype=np.float64))
-    x = np.clip(-eyes[:, 0] / GAZE_FULL_SCALE_RAD, -1.0, 1.0)
-    y = np.clip(-eyes[:, 1] / GAZE_FULL_SCALE_RAD, -1.0, 1.0)
+    """Gaze parameters from (2, 3) [yaw, pitch, roll] radians, left eye first: tangents, as VRCFT reads them."""
+    eyes = np.clip(np.nan_to_num(np.asarray(eyes_ypr_rad, dtype=np.float64)), -math.pi / 2, math.pi / 2)
+    x, y = np.tan(-eyes[:, 0]), np.tan(-eyes[:, 1])
     return {"EyeLeftX": x[0], "EyeLeftY": y[0], "EyeRightX": x[1], "EyeRightY": y[1],
             "EyeX": (x[0] + x[1]) / 2, "EyeY": (y[0] + y[1]) / 2}
 

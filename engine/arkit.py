@@ -82,6 +82,32 @@ LIVELINK_POSE_NAMES: tuple[str, ...] = (
     "RightEyeYaw", "RightEyePitch", "RightEyeRoll",
 )
 
+#: engine/pose.py's yaw, pitch, roll (head, left eye, right eye) times these are Live Link
+#: Face's, and back: the app's yaw > 0 turns toward the subject's right and its roll > 0
+#: tilts toward the left shoulder (Unreal's ARKit conversion negates yaw and roll of the
+#: head and eyes together); pitch > 0 tips down in both.
+LIVELINK_POSE_SIGNS = np.array([-1.0, 1.0, -1.0] * 3)
+
+
+def livelink_pose(head_ypr_rad, left_eye_ypr_rad, right_eye_ypr_rad) -> np.ndarray:
+    """Three (3,) yaw/pitch/roll in engine/pose.py's convention -> the 9 Live Link values (radians)."""
+    parts = [np.asarray(p, dtype=np.float64).reshape(-1) for p in (head_ypr_rad, left_eye_ypr_rad, right_eye_ypr_rad)]
+    if any(p.shape != (3,) for p in parts):
+        raise ValueError("head/eye yaw pitch roll must each be (3,)")
+    return np.concatenate(parts) * LIVELINK_POSE_SIGNS + 0.0  # + 0.0: no '-0.000000' in files
+
+
+def swap_mouth_left_right(blendshapes) -> np.ndarray:
+    """A copy of 52 ARKit values (Apple order) with mouthLeft and mouthRight exchanged.
+
+    Some Live Link Face versions report the two swapped; files and streams meant
+    to match such takes swap them too (--swap-mouth-lr).
+    """
+    values = np.array(blendshapes, dtype=np.float64, copy=True)
+    left, right = ARKIT_NAMES.index("mouthLeft"), ARKIT_NAMES.index("mouthRight")
+    values[..., [left, right]] = values[..., [right, left]]
+    return values
+
 
 def pascal_case(name: str) -> str:
     """``eyeBlinkLeft`` -> ``EyeBlinkLeft``."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -722,7 +723,9 @@ def test_stream_replays_a_take_at_its_rate(take, capsys, udp_socket):
     packets = _drain(sock)
     assert len(packets) == TAKE_FRAMES and all(b"replay" in p for p in packets)
     assert (TAKE_FRAMES - 1) / D12_FPS / 4 * 0.9 <= elapsed  # the take's clock, 4x faster
-    assert f"{TAKE_FRAMES} frames sent to 1 stream(s)" in capsys.readouterr().err
+    port = sock.getsockname()[1]
+    err = capsys.readouterr().err
+    assert f"{TAKE_FRAMES} frames replayed; livelink://127.0.0.1:{port}: {TAKE_FRAMES} of {TAKE_FRAMES} frames sent" in err
 
 
 def test_stream_rate_cap(take, capsys, udp_socket):
@@ -731,7 +734,93 @@ def test_stream_rate_cap(take, capsys, udp_socket):
     status = cli.main(["stream", str(out), "--to", f"vmc://127.0.0.1:{sock.getsockname()[1]}",
                        "--stream-fps", "12.5", "--speed", "4", "--quiet"])
     assert status == 0, capsys.readouterr().err
-    assert len(_drain(sock)) == TAKE_FRAMES // 2  # every other frame of a 25 frames/s take
+    frames = sum(b"/VMC/Ext/T" in p for p in _drain(sock))  # T closes each frame's last bundle
+    assert frames == TAKE_FRAMES // 2  # every other frame of a 25 frames/s take
+
+
+def _small_take(folder: Path, times_s, fps: float = 25.0, **shapes) -> Path:
+    """A take folder whose track.npz has a face in every frame at the given times (shapes 0.1 but
+    those named)."""
+    from capture.sinks import TrackWriter
+    from engine.pose import model_to_camera
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = TrackWriter(folder / "track.npz", np.eye(3), (320, 240), fps=fps)
+    blendshapes = np.full(52, 0.1)
+    for name, value in shapes.items():
+        blendshapes[ARKIT_NAMES.index(name)] = value
+    for i, t in enumerate(times_s):
+        writer.add(i, t, True, blendshapes=blendshapes, rotation=model_to_camera(0.1, 0.0, 0.0),
+                   translation=np.array([0, 0, 50.0]), landmarks68=np.zeros((68, 2)), eyes_ypr_rad=np.zeros((2, 3)))
+    writer.close()
+    return folder
+
+
+def test_stream_loop_sends_every_pass(tmp_path, capsys, udp_socket):
+    """Issue 14: with --loop only the first pass reached the receiver. Every pass goes out, on one
+    clock (frame numbers keep rising), until Ctrl-C, which ends the loop with the summary."""
+    import _thread
+    import struct
+    import threading
+
+    take = _small_take(tmp_path / "take", np.arange(5) / 25)
+    numbers = []
+
+    def listen():
+        udp_socket.settimeout(5)
+        while len(numbers) < 16:  # three passes and a bit
+            packet = udp_socket.recv(4096)
+            at = 1
+            for _ in range(2):  # device id, subject name
+                at += 4 + struct.unpack_from(">i", packet, at)[0]
+            numbers.append(struct.unpack_from(">i", packet, at)[0])
+        _thread.interrupt_main()  # Ctrl-C
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    status = cli.main(["stream", str(take), "--to", f"livelink://127.0.0.1:{udp_socket.getsockname()[1]}",
+                       "--loop", "--speed", "5", "--quiet"])
+    listener.join(timeout=5)
+    err = capsys.readouterr().err
+    assert status == 0, err
+    assert len(numbers) == 16 and np.all(np.diff(numbers) == 1), numbers  # 25 frames/s, one frame apart
+    assert "frames replayed" in err and "Traceback" not in err
+
+
+def test_stream_swap_mouth_lr(tmp_path, capsys, udp_socket):
+    import struct
+
+    take = _small_take(tmp_path / "take", [0.0], mouthLeft=0.6, mouthRight=0.2)
+    status = cli.main(["stream", str(take), "--to", f"livelink://127.0.0.1:{udp_socket.getsockname()[1]}",
+                       "--swap-mouth-lr", "--quiet"])
+    assert status == 0, capsys.readouterr().err
+    packet = udp_socket.recv(4096)
+    values = struct.unpack(">61f", packet[-61 * 4:])  # Unreal's order: ..., MouthLeft (21), MouthRight (22)
+    assert (values[21], values[22]) == pytest.approx((0.2, 0.6))
+
+
+def test_stream_shortens_absurd_gaps(tmp_path, capsys, udp_socket):
+    take = _small_take(tmp_path / "take", [0.0, 0.04, 1e9, 1e9 + 0.04])
+    start = time.monotonic()
+    status = cli.main(["stream", str(take), "--to", f"vmc://127.0.0.1:{udp_socket.getsockname()[1]}",
+                       "--speed", "4", "--quiet"])
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert status == 0 and elapsed < 5, (elapsed, err)
+    notes = [line for line in err.splitlines() if "jumps" in line]
+    assert len(notes) == 1 and "1e+09 s at frame 2" in notes[0]
+    assert sum(b"/VMC/Ext/T" in p for p in _drain(udp_socket)) == 4
+
+
+def test_stream_that_cannot_send_says_so_and_claims_nothing(tmp_path, capsys):
+    """Issue 14: a broadcast address failed every send, yet the summary claimed frames sent and
+    the exit status was 0. Now: one warning, one error line, exit 1, 0 frames sent."""
+    take = _small_take(tmp_path / "take", np.arange(5) / 25)
+    code, err = _run(["stream", take, "--to", "vmc://255.255.255.255:39539", "--speed", "10", "--quiet"], capsys)
+    line = _assert_one_line_error(code, err, "nothing was sent", "0 of 5 frames sent")
+    warnings = [w for w in err.splitlines() if w.startswith("capture: warning:")]
+    assert len(warnings) == 1 and "sending fails" in warnings[0], err
+    assert line
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -740,6 +829,8 @@ def test_stream_rate_cap(take, capsys, udp_socket):
     (["stream", "{take}", "--to", "osc://127.0.0.1:9000"], "unknown stream protocol"),
     (["stream", "{take}", "--to", "vmc://127.0.0.1:9000?colour=red"], "option(s) colour"),
     (["stream", "{take}", "--to", "vmc://", "--speed", "0"], "--speed must be > 0"),
+    (["stream", "{take}", "--to", "vmc://127.0.0.1:0"], "port 0"),
+    (["stream", "{take}", "--to", "ws://127.0.0.1:0?origins=ftp://x"], "origins"),
     (["stream", "{bad}", "--to", "vmc://"], "cannot read"),
     (["export", "{tmp}/nowhere"], "no such take"),
     (["export", "{bad}"], "cannot read"),

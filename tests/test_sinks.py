@@ -63,15 +63,18 @@ def test_csv_reorders_by_name(tmp_path):
     assert float(row["JawRight"]) == pytest.approx(0.17)
     assert float(row["MouthLeft"]) == pytest.approx(0.22)
     assert float(row["MouthRight"]) == pytest.approx(0.23)
+    # the app's signs: yaw and roll negated (engine/pose.py's yaw > 0 is toward the subject's left)
+    assert float(row["HeadYaw"]) == pytest.approx(-0.1) and float(row["HeadRoll"]) == pytest.approx(-0.3)
     assert float(row["HeadPitch"]) == pytest.approx(-0.2)
-    assert float(row["LeftEyeRoll"]) == pytest.approx(-0.6)
-    assert float(row["RightEyeYaw"]) == pytest.approx(0.7)
+    assert float(row["LeftEyeRoll"]) == pytest.approx(0.6) and float(row["LeftEyePitch"]) == pytest.approx(0.5)
+    assert float(row["RightEyeYaw"]) == pytest.approx(-0.7)
 
     timecodes, bs, pose = read_livelink_csv(path)
     assert timecodes == ["00:00:00:00.000", "00:00:01:00.000"]
     assert bs.shape == (2, 52) and pose.shape == (2, 9)
     np.testing.assert_allclose(bs[0], shapes, atol=1e-6)
     np.testing.assert_allclose(bs[1], shapes[::-1], atol=1e-6)
+    # read back in engine/pose.py's convention
     np.testing.assert_allclose(pose[0], np.concatenate([head, left, right]), atol=1e-6)
 
 
@@ -92,6 +95,66 @@ def test_csv_reader_finds_columns_by_name(tmp_path):
     assert t1 == t2 == ["00:00:00:30.000"]
     np.testing.assert_array_equal(b1, b2)
     np.testing.assert_array_equal(p1, p2)
+
+
+def _rightward_look(row, eye):
+    """Live Link Face's rightward look of one eye from a CSV row: the left eye looks to the
+    subject's right by turning in, the right eye by turning out (ARKit's eyeLook* definitions)."""
+    if eye == "Left":
+        return float(row["EyeLookInLeft"]) - float(row["EyeLookOutLeft"])
+    return float(row["EyeLookOutRight"]) - float(row["EyeLookInRight"])
+
+
+def test_csv_eye_yaw_follows_live_link_face_takes(tmp_path):
+    """Real Live Link Face exports: per eye, yaw rises about 0.6 rad per unit of the rightward look
+    shapes (positive yaw looks to the subject's right). Rows written from gaze angles (engine.gaze
+    makes the eyeLook shapes from the same angles the CSV's yaw columns come from) must show the same
+    relation, read from the file's text by column name."""
+    from engine.arkit import arkit_name_of_model_shape
+    from engine.gaze import eye_look_weights
+
+    path = tmp_path / "take.csv"
+    rng = np.random.default_rng(3)
+    with LiveLinkCsvWriter(path, fps=30.0) as w:
+        for k in range(40):
+            angles = rng.uniform(-0.45, 0.45, (2, 2))  # (yaw, pitch) per eye, engine/pose.py's signs
+            shapes = np.zeros(52)
+            for name, value in eye_look_weights(angles).items():
+                shapes[ARKIT_NAMES.index(arkit_name_of_model_shape(name))] = value
+            head = rng.uniform(-0.3, 0.3, 3)
+            w.write(k / 30, shapes, head, [*angles[0], 0.0], [*angles[1], 0.0])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for eye in ("Left", "Right"):
+        look = np.array([_rightward_look(r, eye) for r in rows])
+        yaw = np.array([float(r[f"{eye}EyeYaw"]) for r in rows])
+        inside = np.abs(look) < 0.99  # the look shapes saturate at 1
+        slope = (look[inside] @ yaw[inside]) / (look[inside] @ look[inside])
+        assert 0.4 < slope < 0.8, (eye, slope)  # the app's 0.6; ours reaches 1 at 30 degrees, 0.52 rad
+        np.testing.assert_allclose(yaw[inside], slope * look[inside], atol=1e-5)
+
+
+def test_csv_swap_mouth_lr(tmp_path):
+    shapes = np.zeros(52)
+    shapes[ARKIT_NAMES.index("mouthLeft")], shapes[ARKIT_NAMES.index("jawLeft")] = 0.7, 0.4
+    paths = tmp_path / "plain.csv", tmp_path / "swapped.csv"
+    for path, swap in zip(paths, (False, True)):
+        with LiveLinkCsvWriter(path, fps=30.0, swap_mouth_lr=swap) as w:
+            w.write(0.0, shapes, np.zeros(3), np.zeros(3), np.zeros(3))
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            rows.append(next(csv.DictReader(f)))
+    assert (float(rows[0]["MouthLeft"]), float(rows[0]["MouthRight"])) == (0.7, 0.0)
+    assert (float(rows[1]["MouthLeft"]), float(rows[1]["MouthRight"])) == (0.0, 0.7)
+    assert float(rows[1]["JawLeft"]) == 0.4  # only the mouth pair
+
+
+def test_csv_has_no_negative_zeros(tmp_path):
+    path = tmp_path / "take.csv"
+    with LiveLinkCsvWriter(path, fps=30.0) as w:
+        w.write(0.0, np.zeros(52), np.zeros(3), np.zeros(3), np.zeros(3))
+    assert "-0.000000" not in path.read_text()
 
 
 @pytest.mark.parametrize("time_s, fps, expected", [

@@ -177,3 +177,87 @@ def test_replay_stops_when_asked():
     rec = Recorder("h", 1)
     frames = [frame(i, i * 0.01) for i in range(50)]
     assert replay(frames, StreamHub([rec]), should_stop=lambda: len(rec.frames) >= 3) == 3
+
+
+# ---------------------------------------------------------------- loops, gaps, unsendable streams
+
+
+def test_every_pass_of_a_loop_reaches_the_streams():
+    """A replay's next pass starts over at the take's first time; the hub must not take that for
+    frames too close together (it did: only the first pass went out), capped or not."""
+    for cap in (None, 100):  # none, and one at the take's own rate
+        rec = Recorder("h", 1)
+        def take():  # 5 frames of a 100 frames/s take
+            frames = [frame(i, i / 100) for i in range(5)]
+            for f in frames:
+                f.fps = 100.0
+            return frames
+
+        passes = streams.looped(take, 3)
+        assert replay(passes, StreamHub([rec], max_fps=cap), speed=10.0) == 15
+        assert [f.index for f in rec.frames] == list(range(5)) * 3
+        times = np.array([f.time_s for f in rec.frames])  # one clock across passes, a frame apart
+        np.testing.assert_allclose(np.diff(times), 0.01, atol=1e-9)
+
+
+def test_a_clock_that_goes_back_restarts_the_rate_cap():
+    rec = Recorder("h", 1)
+    hub = StreamHub([rec], max_fps=10)
+    assert hub.send(frame(0, 5.0)) and not hub.send(frame(1, 5.05))
+    assert hub.send(frame(2, 0.0))  # a new take's clock
+    assert [f.index for f in rec.frames] == [0, 2]
+
+
+def test_replay_shortens_absurd_gaps(capsys):
+    rec = Recorder("h", 1)
+    frames = [frame(0, 0.0), frame(1, 0.04), frame(2, 1e9), frame(3, 1e9 + 0.04), frame(4, 2e9)]
+    start = time.perf_counter()
+    assert replay(frames, StreamHub([rec]), speed=8.0) == 5
+    assert time.perf_counter() - start < 2.0  # 2 gaps of 1 s at 8x, not 2e9 s
+    np.testing.assert_allclose([f.time_s for f in rec.frames], [0.0, 0.04, 1.04, 1.08, 2.08])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "jumps 1e+09 s at frame 2" in err[0] and "1 s" in err[0]
+
+
+def test_replay_survives_times_that_are_not_numbers():
+    rec = Recorder("h", 1)
+    frames = [frame(0, float("nan")), frame(1, float("inf")), frame(2, -5.0), frame(3, 0.1)]
+    assert replay(frames, StreamHub([rec]), speed=10.0) == 4
+    times = [f.time_s for f in rec.frames]
+    assert all(np.isfinite(times)) and np.all(np.diff(times) > 0)
+
+
+def test_port_zero_is_a_one_line_error():
+    with pytest.raises(StreamError) as err:
+        open_stream("vmc://127.0.0.1:0")
+    assert "port 0" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unsendable_stream_says_so_once_and_counts_nothing_sent(capsys):
+    """A broadcast address (the socket may not broadcast): every datagram fails. The hub says so
+    once; sent counts only frames that went out."""
+    from capture.vmc import VmcStream
+
+    stream = VmcStream("255.255.255.255", 39539)
+    hub = StreamHub([stream])
+    for i in range(5):
+        hub.send(frame(i, i / 30))
+    hub.close()
+    assert (stream.offered, stream.sent, len(stream.latency_s)) == (5, 0, 0)
+    assert stream.dropped == 10 and stream.send_error  # two bundles a face frame
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vmc://255.255.255.255:39539: sending fails" in err[0]
+    assert hub.nothing_went_out()
+    assert "0 of 5 frames sent" in hub.summary()
+
+
+def test_a_working_stream_is_counted_frame_by_frame(udp_socket):
+    from capture.livelink import LiveLinkStream
+
+    s = LiveLinkStream("127.0.0.1", udp_socket.getsockname()[1])
+    hub = StreamHub([s])
+    for i in range(3):
+        hub.send(frame(i, i / 30))
+    s.close()
+    assert (s.offered, s.sent, s.dropped, s.send_error) == (3, 3, 0, None)
+    assert not hub.nothing_went_out() and hub.summary() == f"{s.url}: 3 of 3 frames sent"

@@ -1,6 +1,8 @@
-"""Tests for the vmc:// stream: real UDP bundles decoded by python-osc (an independent receiver)."""
+"""Tests for the vmc:// stream: real UDP bundles decoded by python-osc (an independent receiver)
+and by a decoder written here from the OSC 1.0 specification."""
 from __future__ import annotations
 
+import struct
 import threading
 import time
 
@@ -11,7 +13,7 @@ from pythonosc.osc_bundle import OscBundle
 from pythonosc.osc_server import BlockingOSCUDPServer
 
 from capture.streams import StreamError, StreamFrame, open_stream
-from capture.vmc import VmcStream, unity_head_quaternion, vmc_bundle
+from capture.vmc import MAX_BUNDLE_BYTES, VmcStream, unity_head_quaternion, vmc_bundles
 from engine.arkit import ARKIT_NAMES
 from engine.pose import euler_yxz
 
@@ -96,10 +98,42 @@ def head_quaternion_via_udp(receiver, rotation):
 # ------------------------------------------------------------ blend shapes and bundle layout
 
 
-@pytest.mark.parametrize("names, expected_names", [("arkit", list(ARKIT_NAMES)), ("pascal", PASCAL)])
+def osc_decode_bundle(data: bytes) -> list[tuple[str, list]]:
+    """OSC 1.0: '#bundle\\0', an 8-byte time tag, then elements each prefixed by an int32 size;
+    a message is a padded address, a padded type tag string and big-endian arguments."""
+    assert data[:8] == b"#bundle\x00" and len(data) % 4 == 0
+    at, messages = 16, []
+    while at < len(data):
+        (size,) = struct.unpack(">i", data[at:at + 4])
+        element = data[at + 4:at + 4 + size]
+        at += 4 + size
+
+        def string(pos):
+            end = element.index(b"\x00", pos)
+            return element[pos:end].decode(), (end // 4 + 1) * 4
+
+        address, pos = string(0)
+        tags, pos = string(pos)
+        args = []
+        for tag in tags[1:]:
+            if tag == "s":
+                text, pos = string(pos)
+                args.append(text)
+            elif tag in "if":
+                args.append(struct.unpack(">" + tag, element[pos:pos + 4])[0])
+                pos += 4
+        assert pos == size, address
+        messages.append((address, args))
+    assert at == len(data)
+    return messages
+
+
+@pytest.mark.parametrize("names, expected_names", [("camel", list(ARKIT_NAMES)), ("arkit", list(ARKIT_NAMES)),
+                                                   ("pascal", PASCAL), (None, PASCAL)])
 def test_blendshapes_arrive_exactly(receiver, names, expected_names):
     frame = face_frame()
-    stream = open_stream(f"vmc://127.0.0.1:{receiver.port}?names={names}")
+    query = f"?names={names}" if names else ""
+    stream = open_stream(f"vmc://127.0.0.1:{receiver.port}{query}")
     try:
         stream.send(frame)
         messages = receiver.wait_for("/VMC/Ext/T")
@@ -118,32 +152,51 @@ def test_blendshapes_arrive_exactly(receiver, names, expected_names):
     assert stream.sent == 1 and stream.dropped == 0 and len(stream.latency_s) == 1
 
 
-def test_one_bundle_per_frame(udp_socket):
+def test_frames_fit_bundles_of_1500_bytes(udp_socket):
+    """The VMC specification: bundles of at most 1,500 bytes. A face frame is split; Apply, the head,
+    OK and T travel together in its last bundle, every value before them."""
     stream = VmcStream("127.0.0.1", udp_socket.getsockname()[1])
     try:
         stream.send(face_frame())
         stream.send(lost_frame())
-        first, _ = udp_socket.recvfrom(65536)
-        second, _ = udp_socket.recvfrom(65536)
+        datagrams = [udp_socket.recvfrom(65536)[0] for _ in range(3)]  # 2 for the face, 1 for the lost frame
+        udp_socket.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            udp_socket.recvfrom(65536)
     finally:
         stream.close()
-    assert OscBundle.dgram_is_bundle(first) and OscBundle.dgram_is_bundle(second)
-    bundle = OscBundle(first)
-    contents = [bundle.content(i) for i in range(bundle.num_contents)]
-    assert [m.address for m in contents[:52]] == ["/VMC/Ext/Blend/Val"] * 52
-    assert [m.address for m in contents[52:]] == ["/VMC/Ext/Blend/Apply", "/VMC/Ext/Bone/Pos",
-                                                  "/VMC/Ext/OK", "/VMC/Ext/T"]
-    # well under one UDP datagram's limit; about 2.7 KB
-    assert 2000 < len(first) < 4000
-    lost = OscBundle(second)
-    assert [lost.content(i).address for i in range(lost.num_contents)] == ["/VMC/Ext/OK", "/VMC/Ext/T"]
+    assert all(len(d) <= MAX_BUNDLE_BYTES <= 1500 for d in datagrams), [len(d) for d in datagrams]
+    assert all(OscBundle.dgram_is_bundle(d) for d in datagrams)
+    bundles = [osc_decode_bundle(d) for d in datagrams]
+    face, lost = bundles[:-1], bundles[-1]
+    assert len(face) == 2  # 2.7 KB of messages
+    assert [a for a, _ in face[-1] if a != "/VMC/Ext/Blend/Val"] == ["/VMC/Ext/Blend/Apply", "/VMC/Ext/Bone/Pos",
+                                                                    "/VMC/Ext/OK", "/VMC/Ext/T"]
+    messages = [m for bundle in face for m in bundle]
+    assert [a for a, _ in messages] == ["/VMC/Ext/Blend/Val"] * 52 + ["/VMC/Ext/Blend/Apply", "/VMC/Ext/Bone/Pos",
+                                                                      "/VMC/Ext/OK", "/VMC/Ext/T"]
+    assert [args[0] for _, args in messages[:52]] == PASCAL
+    np.testing.assert_array_equal([args[1] for _, args in messages[:52]], face_frame().blendshapes)
+    assert [a for a, _ in lost] == ["/VMC/Ext/OK", "/VMC/Ext/T"]
+    assert stream.sent == 2 and stream.dropped == 0
+
+
+def test_long_names_still_fit():
+    """However long the shape names (a bundle split at each message boundary), no bundle is over."""
+    names = [f"Prefix/{n}/WithAVeryLongSuffixIndeed" for n in PASCAL]
+    bundles = vmc_bundles(face_frame(), names)
+    assert all(len(b) <= MAX_BUNDLE_BYTES for b in bundles) and len(bundles) >= 3
+    messages = [m for b in bundles for m in osc_decode_bundle(b)]
+    assert [args[0] for a, args in messages if a == "/VMC/Ext/Blend/Val"] == names
+    assert [a for a, _ in osc_decode_bundle(bundles[-1])][-4:] == ["/VMC/Ext/Blend/Apply", "/VMC/Ext/Bone/Pos",
+                                                                   "/VMC/Ext/OK", "/VMC/Ext/T"]
 
 
 def test_values_are_clipped_and_nan_free():
     shapes = np.full(52, 0.5)
     shapes[0], shapes[1], shapes[2] = 1.5, -0.25, np.nan
-    bundle = OscBundle(vmc_bundle(face_frame(blendshapes=shapes)))
-    values = [bundle.content(i).params[1] for i in range(52)]
+    messages = [m for b in vmc_bundles(face_frame(blendshapes=shapes)) for m in osc_decode_bundle(b)]
+    values = [args[1] for _, args in messages[:52]]
     assert values[:3] == [1.0, 0.0, 0.0] and values[3:] == [0.5] * 49
 
 
@@ -160,9 +213,10 @@ def test_face_lost_holds_pose(receiver):
 def test_face_found_without_blendshapes_counts_as_lost():
     frame = face_frame()
     frame.blendshapes = None
-    bundle = OscBundle(vmc_bundle(frame))
-    assert [bundle.content(i).address for i in range(bundle.num_contents)] == ["/VMC/Ext/OK", "/VMC/Ext/T"]
-    assert bundle.content(0).params[3] == 0
+    (bundle,) = vmc_bundles(frame)
+    messages = osc_decode_bundle(bundle)
+    assert [a for a, _ in messages] == ["/VMC/Ext/OK", "/VMC/Ext/T"]
+    assert messages[0][1][3] == 0
 
 
 # ------------------------------------------------------------ head rotation
@@ -231,13 +285,13 @@ def test_open_stream_defaults():
     try:
         assert isinstance(stream, VmcStream)
         assert (stream.host, stream.port) == ("127.0.0.1", 39539)
-        assert stream.names == ARKIT_NAMES
+        assert list(stream.names) == PASCAL  # the specification's case-sensitive Perfect Sync names
     finally:
         stream.close()
 
 
 @pytest.mark.parametrize("query, words", [
-    ("names=camel", "names"), ("colour=red", "unknown"), ("head_pos=1,2", "head_pos"),
+    ("names=snake", "names"), ("colour=red", "unknown"), ("head_pos=1,2", "head_pos"),
     ("head_pos=a,b,c", "head_pos"), ("head_pos=0,nan,0", "head_pos"),
 ])
 def test_bad_options_raise_one_line(query, words):

@@ -196,21 +196,28 @@ def test_nonlinear_combinations(stream, receiver):
     assert values["EyeLidRight"] == pytest.approx(0.25)
 
 
+def vrcft_gaze_deg(x: float, y: float) -> tuple[float, float]:
+    """How VRCFaceTracking reads a gaze parameter pair: a tangent, yaw = atan(X) (+ to the subject's
+    right), pitch = atan(Y) (+ up), in degrees."""
+    return np.degrees(np.arctan(x)), np.degrees(np.arctan(y))
+
+
 def test_gaze_signs_and_scale(stream, receiver):
     # both eyes 18 deg toward the subject's left (yaw > 0) and 9 deg down (pitch > 0):
-    # VRCFT's X is positive to the subject's right and Y positive up; 45 deg is 1
+    # VRCFT's X is positive to the subject's right and Y positive up, both tangents
     values = send_and_decode(stream, receiver, face_frame(eyes_deg=[[18, 9, 0], [18, 9, 0]]))
-    for name in ("EyeLeftX", "EyeRightX", "EyeX"):
-        assert values[name] == pytest.approx(-0.4, abs=1e-6)
-    for name in ("EyeLeftY", "EyeRightY", "EyeY"):
-        assert values[name] == pytest.approx(-0.2, abs=1e-6)
+    for x, y in (("EyeLeftX", "EyeLeftY"), ("EyeRightX", "EyeRightY"), ("EyeX", "EyeY")):
+        yaw, pitch = vrcft_gaze_deg(values[x], values[y])
+        assert yaw == pytest.approx(-18, abs=1e-4) and pitch == pytest.approx(-9, abs=1e-4)
 
 
 def test_gaze_per_eye_and_clipped(stream, receiver):
-    values = send_and_decode(stream, receiver, face_frame(eyes_deg=[[-60, 0, 0], [0, -22.5, 0]]))
+    values = send_and_decode(stream, receiver, face_frame(eyes_deg=[[-60, 0, 0], [0, -30, 0]]))
     assert values["EyeLeftX"] == 1.0 and values["EyeLeftY"] == 0.0   # right-ward, clipped at 45 deg
-    assert values["EyeRightX"] == 0.0 and values["EyeRightY"] == pytest.approx(0.5)  # up
-    assert values["EyeX"] == pytest.approx(0.5) and values["EyeY"] == pytest.approx(0.25)
+    assert values["EyeRightX"] == 0.0
+    assert vrcft_gaze_deg(0.0, values["EyeRightY"])[1] == pytest.approx(30, abs=1e-4)  # up
+    assert values["EyeX"] == pytest.approx(np.tan(np.radians(60)) / 2, abs=1e-6)  # mean of the tangents
+    assert values["EyeY"] == pytest.approx(np.tan(np.radians(30)) / 2, abs=1e-6)
 
 
 def test_values_stay_in_range(stream, receiver):

@@ -19,6 +19,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from capture.streams import StreamError, StreamFrame, open_stream
@@ -272,3 +273,203 @@ def test_headless_chromium_renders_the_stream(chromium):
         assert state["points"] == "0" and state["jaw"] == "0.3000"  # the last values stay, greyed out
     finally:
         stream.close()
+
+
+# ---------------------------------------------------------------- who may connect, hostile peers
+
+
+def handshake(port: int, origin: str | None = None, host: str | None = None) -> bytes:
+    """A raw WebSocket handshake as a browser sends it; returns the server's status line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET /ws HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Upgrade: websocket",
+                 "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if origin is not None:
+            lines.append(f"Origin: {origin}")
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_binds_loopback_unless_told():
+    stream = open_stream("ws://:0")
+    try:
+        assert {s.getsockname()[0] for s in stream._server.sockets} == {"127.0.0.1"}
+    finally:
+        stream.close()
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    (None, True),                                # a program, not a page
+    ("http://127.0.0.1:{port}", True),           # our own page
+    ("http://localhost:3000", True),             # a page served on this machine
+    ("http://[::1]:8080", True),
+    ("https://evil.example", False),             # any other site
+    ("http://127.0.0.1.evil.example", False),
+    ("null", False),                             # sandboxed frames, file:// pages
+    ("chrome-extension://abc", False),
+])
+def test_pages_from_other_origins_are_refused(stream, origin, allowed):
+    status = handshake(stream.port, origin.format(port=stream.port) if origin else None)
+    assert status.startswith(b"HTTP/1.1 101" if allowed else b"HTTP/1.1 403"), status
+    assert stream.rejected == (0 if allowed else 1)
+
+
+def test_origins_option_lets_named_sites_in():
+    stream = open_stream("ws://127.0.0.1:0?origins=https://studio.example,https://other.example:8443")
+    anything = open_stream("ws://127.0.0.1:0?origins=*")
+    try:
+        assert handshake(stream.port, "https://studio.example").startswith(b"HTTP/1.1 101")
+        assert handshake(stream.port, "https://other.example:8443/").startswith(b"HTTP/1.1 101")
+        assert handshake(stream.port, "https://evil.example").startswith(b"HTTP/1.1 403")
+        assert handshake(anything.port, "https://evil.example").startswith(b"HTTP/1.1 101")
+    finally:
+        stream.close()
+        anything.close()
+
+
+def test_a_rebound_host_name_is_refused_on_loopback(stream):
+    """DNS rebinding: evil.example resolved to 127.0.0.1, its page asks with Host: evil.example and
+    the same Origin; a server on loopback answers only to loopback host names."""
+    port = stream.port
+    assert handshake(port, f"http://evil.example:{port}", host=f"evil.example:{port}").startswith(b"HTTP/1.1 403")
+    assert handshake(port, host=f"localhost:{port}").startswith(b"HTTP/1.1 101")
+
+
+@pytest.mark.parametrize("query, words", [
+    ("origins=ftp://x", "origins"), ("max_clients=0", "max_clients"), ("max_clients=many", "max_clients"),
+    ("colour=red", "unknown ws:// option"),
+])
+def test_bad_options_are_one_line_errors(query, words):
+    with pytest.raises(StreamError) as err:
+        open_stream(f"ws://127.0.0.1:0?{query}")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def open_flood(port: int, count: int) -> list[socket.socket]:
+    """count TCP connections started at once, without waiting for each (as a flood does: the
+    server's small accept queue drops some SYNs, which the kernel retries later)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        socks.append(sock)
+    return socks
+
+
+def connected(socks: list[socket.socket], timeout_s: float) -> list[socket.socket]:
+    """Those of socks whose connection is up within timeout_s."""
+    import select
+
+    _, writable, _ = select.select([], socks, [], timeout_s)
+    return [s for s in writable if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0]
+
+
+def test_hundreds_of_clients_garbage_and_oversized_messages_never_slow_sending(capsys):
+    """300 connections against a limit of 40, garbage, a 100 KB message and clients that vanish
+    mid-handshake: the server refuses the surplus, counts the rest, keeps serving a well-behaved
+    client, and the capture thread's send() stays quick throughout."""
+    stream = open_stream("ws://127.0.0.1:0?max_clients=40")
+    port = stream.port
+    flood = []
+    try:
+        with connect(f"ws://127.0.0.1:{port}/ws", max_size=None) as good:
+            wait_for(lambda: stream.clients == 1, what="the good client")
+            with connect(f"ws://127.0.0.1:{port}/ws") as big:
+                big.send("x" * 100_000)  # over the 4 KiB limit: the server closes this one (1009)
+                with pytest.raises(ConnectionClosed) as closed:
+                    big.recv(timeout=5)
+            assert closed.value.rcvd.code == 1009
+            flood += open_flood(port, 300)
+            slowest = 0.0
+            for i in range(300):  # capture goes on meanwhile, 10 s of frames at 30 frames/s
+                t = time.perf_counter()
+                stream.send(frame(i))
+                slowest = max(slowest, time.perf_counter() - t)
+                if i == 30:
+                    for sock in connected(flood, 1.0)[::3]:
+                        with contextlib.suppress(OSError):
+                            sock.send(os.urandom(64))  # garbage instead of a handshake
+                time.sleep(0.003)
+            wait_for(lambda: stream.refused > 0, what="connections over the limit refused")
+            assert stream.open_connections <= 40
+            newest = -1
+            while newest < 290:
+                newest = json.loads(good.recv(timeout=5))["frame"]
+            for sock in flood:
+                sock.close()
+            flood.clear()
+            wait_for(lambda: stream.open_connections == 1, what="the flood's connections to close")
+            stream.send(frame(1000))
+            while newest != 1000:
+                newest = json.loads(good.recv(timeout=5))["frame"]
+        assert slowest < 0.05, slowest  # building and handing over one frame's JSON, nothing more
+        with connect(f"ws://127.0.0.1:{port}/ws") as late:  # and it still takes new clients
+            wait_for(lambda: stream.clients == 1, what="a new client")
+            stream.send(frame(1001))
+            assert json.loads(late.recv(timeout=5))["frame"] == 1001
+    finally:
+        for sock in flood:
+            sock.close()
+        stream.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "40 connections open; refusing more" in err[0], err  # no tracebacks
+
+
+FLOOD_CHILD = r"""
+import json, os, sys, tempfile, time
+import numpy as np
+from capture.streams import StreamFrame, open_stream
+
+stream = open_stream("ws://127.0.0.1:0")
+print(stream.port, getattr(stream, "max_clients", 0), flush=True)
+sys.stdin.readline()  # the flood has started
+failures, frames, most = 0, 0, 0
+deadline = time.monotonic() + 3.0
+with tempfile.TemporaryDirectory() as folder:
+    while time.monotonic() < deadline:  # capture's own work: a frame sent, a file written
+        stream.send(StreamFrame(frames, frames / 30, time.perf_counter(), True, blendshapes=np.zeros(52)))
+        try:
+            with open(os.path.join(folder, f"{frames % 10}.obj"), "w") as f:
+                f.write("v 0 0 0\n")
+        except OSError:
+            failures += 1
+        frames += 1
+        most = max(most, getattr(stream, "open_connections", 0))
+        time.sleep(0.01)
+stream.close()
+print(json.dumps({"frames": frames, "failures": failures, "most_open": most, "refused": getattr(stream, "refused", 0)}))
+"""
+
+
+def test_connection_flood_with_a_small_file_limit_never_starves_capture():
+    """Issue 14: with the usual limit of open files (here 256), a flood of 600 connections made the
+    process run out of descriptors and die. The server now holds at most a quarter of the limit
+    and resets the rest, so capture's own files still open."""
+    import resource
+    import sys
+
+    def small_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    child = subprocess.Popen([sys.executable, "-c", FLOOD_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, preexec_fn=small_limit,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    flood = []
+    try:
+        port, limit = (int(v) for v in child.stdout.readline().split())
+        flood = open_flood(port, 600)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=30)
+    finally:
+        for sock in flood:
+            sock.close()
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["failures"] == 0 and result["frames"] > 50, result
+    assert limit == 64  # a quarter of 256
+    assert result["most_open"] <= 64 and result["refused"] > 0, result
+    assert "Traceback" not in err and err.count("refusing more") == 1, err
