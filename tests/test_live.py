@@ -103,6 +103,7 @@ def test_live_streams_and_survives_receivers_that_go_away(monkeypatch, capsys):
     ws_port = probe.getsockname()[1]
     probe.close()
     got = {name: 0 for name in receivers} | {"ws": 0}
+    ports = {name: sock.getsockname()[1] for name, sock in receivers.items()}
 
     def listen(name, sock):
         while got[name] < 5:  # take five packets, then go away
@@ -138,4 +139,9 @@ def test_live_streams_and_survives_receivers_that_go_away(monkeypatch, capsys):
         t.join(timeout=5)
     assert got == {"vmc": 5, "livelink": 5, "ws": 5}
     assert "40 frames" in err and "warning" not in err
+    # what each stream really sent (UDP goes out with or without a listener; the page got 5 or more)
+    summary = next(line for line in err.splitlines() if line.startswith("streams: "))
+    for name, port in ports.items():
+        assert f"{name}://127.0.0.1:{port}: 40 of 40 frames sent" in summary, summary
+    assert "frames reached a client" in summary
     assert elapsed < 20  # 40 frames at 30 frames/s, plus start-up: nothing stalled

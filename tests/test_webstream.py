@@ -282,7 +282,7 @@ def handshake(port: int, origin: str | None = None, host: str | None = None) -> 
     """A raw WebSocket handshake as a browser sends it; returns the server's status line."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         key = base64.b64encode(os.urandom(16)).decode()
-        lines = [f"GET /ws HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Upgrade: websocket",
+        lines = ["GET /ws HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Upgrade: websocket",
                  "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
         if origin is not None:
             lines.append(f"Origin: {origin}")
