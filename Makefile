@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/capture video $(VIDEO) --out takes/demo
+	.venv/bin/capture video $(VIDEO) --out takes/demo --overwrite
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -27,7 +27,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from capture.console import NativeStderrFilter, reopen_closed_std_streams, silence_std_streams  # noqa: E402
-from capture.take_folder import TakeLock, check_file_place, reason  # noqa: E402
+from capture.take_folder import TakeLock, check_file_place, make_room, reason  # noqa: E402
 
 OUTPUTS_HELP = """\
 outputs (in --out DIR):
@@ -38,6 +38,8 @@ outputs (in --out DIR):
   track.npz         every frame: face_found, blendshapes, expression, identity, rotation,
                     translation, eyes_ypr_rad, camera_matrix, landmarks68, image_size, fps (see README)
   .capture.lock     held while a capture writes the folder: a second capture into it is refused
+A folder that holds an earlier take is refused unless --overwrite, which removes that take's
+files first (blendshapes.csv, track.npz, meshes/NNNNNN.*, take.glb; other files stay).
 On a full disk capture stops and keeps the frames every file holds; Ctrl-C and SIGTERM
 stop with the files finished and saved (README.md, When something goes wrong).
 """
@@ -114,6 +116,9 @@ def _actor_option(p: argparse.ArgumentParser, help: str) -> None:
 def _common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("--out", type=Path, required=out_required,
                    help="output folder (default: takes/<input name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier take in --out: its files are removed first (other files stay); "
+                   "without it a folder holding a take is refused")
     p.add_argument("--mesh-format", choices=("obj", "ply", "none"), default="obj",
                    help="per-frame mesh files (default: obj)")
     p.add_argument("--no-filter", action="store_true",
@@ -299,6 +304,20 @@ def _report(summary, out: Path | None) -> None:
     print(line, file=sys.stderr)
 
 
+def _take_folder(out: Path, overwrite: bool) -> TakeLock:
+    """The take folder, locked, and cleared of an earlier take with --overwrite (else one holding
+    one is refused); before the engine loads."""
+    lock = TakeLock(out)
+    try:
+        cleared = make_room(out, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    if cleared:
+        print(f"capture: {cleared}", file=sys.stderr)
+    return lock
+
+
 def cmd_video(args) -> int:
     from capture.pipeline import run_take
     from capture.sources import VideoSource
@@ -306,7 +325,7 @@ def cmd_video(args) -> int:
     source = VideoSource(args.input)
     out = args.out or _default_out(args.input)
     try:
-        with TakeLock(out):  # the output place is checked before the engine loads
+        with _take_folder(out, args.overwrite):  # the output place is checked before the engine loads
             capture = _load_capture(args, static=False)
             try:
                 summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
@@ -325,7 +344,7 @@ def cmd_image(args) -> int:
 
     source = ImageSource(args.input)
     out = args.out or _default_out(args.input[0])
-    with TakeLock(out):
+    with _take_folder(out, args.overwrite):
         capture = _load_capture(args, static=True)
         try:
             summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
@@ -370,7 +389,7 @@ def cmd_live(args) -> int:
 
     if args.preview:
         check_display()
-    lock = TakeLock(args.out) if args.out is not None else None
+    lock = _take_folder(args.out, args.overwrite) if args.out is not None else None
     hub = source = None
     try:
         hub = _open_streams(args)

@@ -1,5 +1,6 @@
 """The folder a take is written into: checked and locked before the first frame,
-and put back in agreement with itself when a write fails midway.
+cleared of an earlier take only when asked, and put back in agreement with
+itself when a write fails midway.
 
 A take folder is locked by ``.capture.lock``, a file holding the writer's
 process id and held with ``flock``: the kernel drops the lock when the
@@ -13,12 +14,20 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 LOCK_NAME = ".capture.lock"
+#: The files a take writes into its folder, under their own and their temporary names, and the
+#: .glb `capture export` puts beside them by default: an earlier take is any of these.
+TAKE_FILES = ("blendshapes.csv", "track.npz", ".track.npz.tmp", "take.glb", "take.glb.tmp")
+MESH_FOLDER = "meshes"
+#: A mesh file in MESH_FOLDER (capture.sinks.MeshSequenceWriter: frame number, 6 digits or more),
+#: or one being written (sinks._write_atomic's temporary name).
+MESH_FILE = re.compile(r"\.?\d{6,}\.(obj|ply)(\.tmp)?")
 
 #: What a user should read for the errors an output place gives (else the system's wording).
 _REASONS = {
@@ -160,6 +169,73 @@ class TakeLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def earlier_take(folder) -> tuple[list[str], int]:
+    """The files of an earlier take in a take folder, relative to it, and how many other entries
+    (not capture's, not the lock) it holds. Only capture's own names count: a folder holding
+    nothing else, or only other programs' files, holds no take."""
+    folder = Path(folder)
+    take, others = [], 0
+    for entry in _entries(folder):
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.name == MESH_FOLDER and entry.is_dir(follow_symlinks=False):
+            for mesh in _entries(folder / MESH_FOLDER):
+                if MESH_FILE.fullmatch(mesh.name) and not mesh.is_dir(follow_symlinks=False):
+                    take.append(f"{MESH_FOLDER}/{mesh.name}")
+                else:
+                    others += 1
+        elif entry.name in TAKE_FILES and not entry.is_dir(follow_symlinks=False):
+            take.append(entry.name)
+        else:
+            others += 1
+    return sorted(take), others
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise OutputError(f"cannot read the take folder {folder}: {reason(exc)}") from None
+
+
+def make_room(folder, overwrite: bool) -> str | None:
+    """Refuses a take folder that holds an earlier take (OutputError, one line), or with overwrite
+    removes that take's files (TAKE_FILES and the meshes; nothing else: other files and folders
+    stay) and returns one line saying what went; None when there was no earlier take.
+
+    Writing a new take over an old one would mix the two (the old meshes beside the new track),
+    so this runs once the folder is locked, before the first frame."""
+    folder = Path(folder)
+    take, others = earlier_take(folder)
+    if not take:
+        return None
+    meshes = sum(name.startswith(MESH_FOLDER + "/") for name in take)
+    what = [name for name in take if not name.startswith(MESH_FOLDER + "/")]
+    if meshes:
+        what.append(f"{meshes} mesh file{'s' if meshes != 1 else ''} in {MESH_FOLDER}/")
+    what = ", ".join(what)
+    if not overwrite:
+        raise OutputError(f"{folder} holds an earlier take ({what}): give --overwrite to replace it, "
+                          "or choose another --out")
+    for name in sorted(take, key=lambda n: not n.startswith(MESH_FOLDER + "/")):  # meshes first, track last
+        try:
+            os.remove(folder / name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(f"cannot remove the earlier take's {folder / name}: {reason(exc)}") from None
+    if meshes:
+        try:
+            (folder / MESH_FOLDER).rmdir()
+        except OSError:  # other files in it: they stay
+            pass
+    kept = f"; {others} other entr{'ies' if others != 1 else 'y'} left as they were" if others else ""
+    return f"--overwrite: removed the earlier take in {folder} ({what}){kept}"
 
 
 def check_file_place(path) -> None:

