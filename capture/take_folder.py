@@ -234,7 +234,8 @@ def make_room(folder, overwrite: bool) -> str | None:
             (folder / MESH_FOLDER).rmdir()
         except OSError:  # other files in it: they stay
             pass
-    kept = f"; {others} other entr{'ies' if others != 1 else 'y'} left as they were" if others else ""
+    kept = (f"; {others} other entries left as they were" if others > 1 else
+            "; 1 other entry left as it was" if others else "")
     return f"--overwrite: removed the earlier take in {folder} ({what}){kept}"
 
 

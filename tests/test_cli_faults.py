@@ -186,7 +186,7 @@ def test_rerun_into_an_earlier_take_is_refused_unless_overwrite(tmp_path):
     new = _finished("video", D12, "--max-frames", 2, "--mesh-format", "none", "--out", out, "--quiet", "--overwrite")
     assert new.returncode == 0, new.stderr
     assert new.stderr.splitlines()[0] == (f"capture: --overwrite: removed the earlier take in {out} (blendshapes.csv, "
-                                          "track.npz, 3 mesh files in meshes/); 1 other entry left as they were")
+                                          "track.npz, 3 mesh files in meshes/); 1 other entry left as it was")
     assert len(_assert_take_agrees(out, meshes=False)["frame_index"]) == 2
     assert sorted(os.listdir(out)) == ["blendshapes.csv", "notes.txt", "track.npz"]
     assert (out / "notes.txt").read_text() == "scene 4, take 1"
