@@ -395,8 +395,8 @@ class TakeSummary:
     frames: int = 0
     faces: int = 0
     dropped: int = 0
-    wall_s: float = 0.0
     skipped: int = 0  # frames the source could not decode: rows marked decoded=False in track.npz
+    wall_s: float = 0.0
     timings_s: dict = field(default_factory=lambda: {s: [] for s in STAGES})
     frames_without_face: list = field(default_factory=list)
 
@@ -437,7 +437,6 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     try:
         bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, leave=True)
         for frame in reader:
-            result = capture.process(frame.image, frame.time_s, frame.index)
             first_skipped = frame.index - len(frame.skipped_s)
             for index, time_s in enumerate(frame.skipped_s, first_skipped):  # undecodable: a row, nothing else
                 if max_frames is not None and summary.frames + summary.skipped >= max_frames:
@@ -448,6 +447,7 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
                 bar.update(1)
             if max_frames is not None and summary.frames + summary.skipped >= max_frames:
                 break
+            result = capture.process(frame.image, frame.time_s, frame.index)
             t0 = time.perf_counter()
             if streams is not None:
                 streams.send(stream_frame(result, frame.captured_s, fps))
