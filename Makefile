@@ -16,7 +16,7 @@ test: setup
 bench: setup
 	.venv/bin/python bench/bench_pipeline.py
 
-weights:  # reproduce engine/weights/coarsenet.{pt,onnx} (about 1.5 h on 2 cores; see README)
+weights:  # reproduce engine/weights/ (coarsenet.{pt,onnx}, eyestate.onnx; about 2 h on 2 cores; see README)
 	bash scripts/train_coarse.sh
 
 clean:

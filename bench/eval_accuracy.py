@@ -249,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument("--video-frames", type=int, default=150)
     ap.add_argument("--coarse-refine", type=int, default=CaptureSettings.coarse_refine_iterations,
                     help="Gauss-Newton pose steps after CoarseNet (CaptureSettings.coarse_refine_iterations)")
+    ap.add_argument("--blink", choices=("lids", "eyes", "fit"), default=CaptureSettings.blink,
+                    help="eyeBlink source (CaptureSettings.blink, capture's --blink)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = ap.parse_args(argv)
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
                  for g in gts for e in g["expression"][::5]]
     res = {"config": {"engines": list(engines), "clips": args.clips, "frames": args.frames, "people": args.people,
                       "seed": args.seed, "weights": str(args.weights or "shipped"),
-                      "coarse_refine": args.coarse_refine,
+                      "coarse_refine": args.coarse_refine, "blink": args.blink,
                       "videos": [v.name for v in videos]},
            "frontal_deg": float(np.median(frontal)) if frontal else float("nan"),
            "mean_face_mm": float(np.median(mean_face)) if mean_face else float("nan"),
@@ -285,7 +287,8 @@ def main(argv=None) -> int:
         def capture_with(**changes) -> FaceCapture:
             return FaceCapture(model, corr, CaptureSettings(engine=engine, coarse_weights=args.weights,
                                                             coarse_runtime=runtime,
-                                                            coarse_refine_iterations=args.coarse_refine, **changes))
+                                                            coarse_refine_iterations=args.coarse_refine,
+                                                            blink=args.blink, **changes))
         cap = capture_with()
         try:
             if clips:

@@ -141,9 +141,11 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    "(default: engine/weights/coarsenet.onnx, shipped with capture)")
     p.add_argument("--no-small-faces", action="store_true",
                    help="skip the full-range detector that finds small, distant faces")
-    p.add_argument("--blink", choices=("lids", "fit"), default="lids",
-                   help="eyeBlink from: lids (default), MediaPipe's lid gap against the take's own open eye; "
-                   "fit, the engine's fitted weights (photos always use the fit)")
+    p.add_argument("--blink", choices=("lids", "eyes", "fit"), default="lids",  # pipeline.BLINK_SOURCES
+                   help="eyeBlink from: lids (default), MediaPipe's lid gap against the take's own open eye "
+                   "(videos; photos use the fit); eyes, a small network on each eye's pixels, which sees the "
+                   "winks MediaPipe's lids miss on rendered faces but reads real open eyes as partly shut; "
+                   "fit, the engine's fitted weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -287,7 +289,7 @@ def _load_capture(args, static: bool, raw: bool = False):
     settings = CaptureSettings(engine=args.engine, coarse_weights=weights, coarse_runtime=runtime,
                                focal_px=args.focal_px, filtering=not (raw or args.no_filter),
                                small_faces=not args.no_small_faces, static=static,
-                               lid_closure=args.blink == "lids",
+                               blink=args.blink,
                                actor=_load_actor(actor, model), auto_neutral=actor == "auto")
     return FaceCapture(model, LandmarkCorrespondence.load(), settings)
 

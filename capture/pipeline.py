@@ -35,6 +35,7 @@ from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points
 from engine.filters import OneEuroFilter
 from engine.fitting import FitSettings, LandmarkBasis, TakeFitter
+from engine.eyestate import EyeClosure, subject_left_first
 from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, LidClosure, eye_look_weights, gaze_angles,
                          gaze_visibility, lid_aperture)
 from engine.pose import (FRONTAL, default_camera_matrix, head_rotation, project, rodrigues, rotation_to_axis_angle,
@@ -42,6 +43,10 @@ from engine.pose import (FRONTAL, default_camera_matrix, head_rotation, project,
 
 STAGES = ("decode", "landmarks", "fit", "filter", "stream", "write")  # "fit": whichever engine runs
 ENGINES = ("coarse", "fit")
+#: Where eyeBlink comes from: MediaPipe's lid gap against the take's open eye (engine.gaze.LidClosure;
+#: videos, the default), the eye-state net on each eye's pixels (sees the winks MediaPipe's lids miss,
+#: but reads real open eyes as 0.15-0.25 shut), or the engine's fitted weights.
+BLINK_SOURCES = ("lids", "eyes", "fit")
 
 
 @dataclass
@@ -64,7 +69,7 @@ class CaptureSettings:
     coarse_runtime: str = "onnx"
     coarse_refine_iterations: int = 1   # Gauss-Newton steps on CoarseNet's head pose against the landmarks
     photo_refine_iterations: int = 4    # the same for a photo: no time limit, no previous frame
-    lid_closure: bool = True            # eyeBlink from the lid gap (engine.gaze.LidClosure), not the fit
+    blink: str = "lids"                 # eyeBlink from: BLINK_SOURCES (eyes: engine.eyestate.EyeClosure)
     focal_px: float | None = None
     filtering: bool = True
     small_faces: bool = True
@@ -122,6 +127,8 @@ class FaceCapture:
         self.settings = settings or CaptureSettings()
         if self.settings.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.settings.engine!r} (choose from {', '.join(ENGINES)})")
+        if self.settings.blink not in BLINK_SOURCES:
+            raise ValueError(f"unknown blink source {self.settings.blink!r} (choose from {', '.join(BLINK_SOURCES)})")
         actor = self.settings.actor
         if actor is not None and actor.shape_names != model.expression_names:
             raise ValueError("the actor profile's shapes are not this face model's expression shapes")
@@ -137,6 +144,8 @@ class FaceCapture:
         self._look = {name: model.expression_names.index(name) for name in
                       eye_look_weights(np.zeros((2, 2)))}
         self._blink = [model.expression_names.index(n) for n in ("eyeBlink_L", "eyeBlink_R")]  # gaze.py's eye order
+        self.eye_closure = EyeClosure(subject_left_first(model, correspondence)) \
+            if self.settings.blink == "eyes" else None
         self._expression_2d = model.expression_modes.reshape(model.n_expression, -1)
         self.tracker = FaceTracker(static=self.settings.static, small_faces=self.settings.small_faces)
         # the vertices the eye model reads: both scleras and the iris landmarks' triangles
@@ -169,7 +178,7 @@ class FaceCapture:
         s = self.settings
         self._new_fitter()
         # eye closure from the lids: the take learns its open eye (a photo has none to learn from)
-        self.lid_closure = LidClosure() if s.lid_closure and not s.static else None
+        self.lid_closure = LidClosure() if s.blink == "lids" and not s.static else None
         self.auto_neutral = None
         if s.actor is None and s.auto_neutral and not s.static:
             self.auto_neutral = AutoNeutral(self.model.expression_names)
@@ -246,7 +255,10 @@ class FaceCapture:
 
         apertures = np.array([lid_aperture(landmarks, i) for i in self.eyes.iris_landmark])
         visible = np.array([[gaze_visibility(a)] for a in apertures])
-        blink = self.lid_closure(apertures) if self.lid_closure is not None else None
+        if self.eye_closure is not None:
+            blink = self.eye_closure(image, landmarks)
+        else:
+            blink = self.lid_closure(apertures) if self.lid_closure is not None else None
 
         def pin(R, t):
             gaze["angles"] = gaze_angles(self.eyes, landmarks, R, t, K) * visible

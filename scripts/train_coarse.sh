@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce engine/weights/coarsenet.{pt,onnx} from nothing but ../shared (about 1.5 h on 2 cores):
-# synthetic data (MediaPipe-tracked), real frame pairs, stage 1 (synthetic), stage 2 (+ real frames),
-# stage 3 (L1 on the expression weights).
+# Reproduce engine/weights/coarsenet.{pt,onnx} and eyestate.onnx from nothing but ../shared (about 2 h on
+# 2 cores): synthetic data (MediaPipe-tracked), real frame pairs, stage 1 (synthetic), stage 2 (+ real
+# frames), stage 3 (L1 on the expression weights), then the eye-state net on the eye patches.
 # Every step skips work whose output exists, so a stopped run continues where it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,8 @@ synth() {  # seed count folder
 synth 0 6000 synth0
 synth 2 6000 synth2
 synth 1 512 synth_val
+synth 4 6000 synth4     # for the eye-state net only
+synth 5 6000 synth5
 [ -e runs/data/real_pairs/done ] || { $PY -m trainers.real_frames --out runs/data/real_pairs --pairs-per-video 300 \
     && touch runs/data/real_pairs/done; }
 unset OMP_NUM_THREADS   # training sets its own thread count (train.threads)
@@ -31,3 +33,7 @@ stage trainers/configs/coarse_real.toml runs/coarse_stage2
 stage trainers/configs/coarse_sparse.toml runs/coarse_stage3
 cp runs/coarse_stage3/coarsenet.pt runs/coarse_stage3/coarsenet.onnx engine/weights/
 echo "weights written to engine/weights/ (from runs/coarse_stage3)"
+[ -e runs/eyes/eyestate.onnx ] || $PY -m trainers.train_eyes --data runs/data/synth0 runs/data/synth2 \
+    runs/data/synth4 runs/data/synth5 --val runs/data/synth_val --out runs/eyes/eyestate.onnx --steps 3000
+cp runs/eyes/eyestate.onnx engine/weights/
+echo "eye-state net written to engine/weights/eyestate.onnx (from runs/eyes)"
