@@ -7,9 +7,9 @@ lid plainly, so EyeStateNet reads eyeBlink from a patch of each eye. The patch i
 along the eye's corners, outer corner left. This mirrors one eye onto the other, so
 one net serves both.
 
-Patches come from the 128 px face crop's resolution at most, the resolution of the
-training crops (trainers.synthesis). `patch_transform` maps crop pixels; `eye_patches`
-composes it with the frame-to-crop map and samples the frame directly.
+Training cuts the patches from the 128 px synthetic crops (trainers.train_eyes); at run time
+`eye_patches` cuts them from the frame, brought down first to the resolution the face's 128 px
+crop would have, so a large face gives the net no more detail than training showed it.
 """
 from __future__ import annotations
 

@@ -54,10 +54,21 @@ def test_patch_holds_no_more_detail_than_the_resolution_asked():
     assert es.warp_patch(coarse, A).astype(float).std() > 80      # 16 px stripes stay
 
 
-def test_subject_left_first_is_the_gaze_modules_order(model):
-    """The model's +x eye is the subject's left; EYE_CORNERS' first pair surrounds MediaPipe's iris 468."""
+def test_eye_corners_pair_with_the_iris_beside_them(model):
+    """On a real photo each EYE_CORNERS pair surrounds IRIS_CENTRES' iris of the same index, and the
+    subject's left eye (the model's +x side) is the image's right-hand eye of a face seen from the front."""
+    from engine.gaze import IRIS_CENTRES
+    from engine.landmarks import MediaPipeLandmarker
+
+    image = cv2.cvtColor(cv2.imread(str(PHOTO)), cv2.COLOR_BGR2RGB)
+    with MediaPipeLandmarker(static=True) as landmarker:
+        lm = landmarker.detect(image)[:, :2]
+    for eye, iris in enumerate(IRIS_CENTRES):
+        mids = [(lm[a] + lm[b]) / 2 for a, b in es.EYE_CORNERS]
+        assert np.argmin([np.linalg.norm(m - lm[iris]) for m in mids]) == eye
     left, right = es.subject_left_first(model, LandmarkCorrespondence.load())
     assert {left, right} == {0, 1}
+    assert lm[es.EYE_CORNERS[left][0], 0] > lm[es.EYE_CORNERS[right][0], 0]
 
 
 @pytest.mark.parametrize("kind", ["wink"])
