@@ -17,6 +17,7 @@ meshes/, track.npz), with a reader thread, a progress bar and per-stage timings.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -402,8 +403,16 @@ class TakeWriter:
                 raise error
 
 
+#: A live take keeps its per-frame records (stage timings, frames without a face) for its most
+#: recent frames only, 5 minutes at 30 frames/s: hours of streaming must not grow memory.
+LIVE_HISTORY_FRAMES = 9000
+
+
 @dataclass
 class TakeSummary:
+    """What a take did. timings_s (per stage) and frames_without_face hold one entry per frame:
+    every frame of a recorded source, the last LIVE_HISTORY_FRAMES of a live one."""
+
     frames: int = 0
     faces: int = 0
     dropped: int = 0
@@ -434,6 +443,9 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     from tqdm import tqdm
 
     summary = TakeSummary()
+    if source.live:
+        summary.timings_s = {s: deque(maxlen=LIVE_HISTORY_FRAMES) for s in STAGES}
+        summary.frames_without_face = deque(maxlen=LIVE_HISTORY_FRAMES)
     fps = source.fps or 30.0
     writer = None
     if out_dir is not None:

@@ -15,6 +15,7 @@ import math
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
@@ -54,9 +55,14 @@ class StreamFrame:
     image_size: tuple[int, int] = (0, 0)
 
 
+#: Frames whose latency a stream keeps (the most recent): a long live session must not grow memory.
+LATENCY_HISTORY_FRAMES = 9000
+
+
 class Stream:
     """One receiver. send() must neither block nor raise because a receiver is
-    absent or slow; latency_s collects (sent - captured) per frame sent.
+    absent or slow; latency_s collects (sent - captured) per frame sent, for the
+    last LATENCY_HISTORY_FRAMES frames.
 
     offered counts the frames the hub handed over, sent those that really went
     out; send_error is the first reason a send failed (None while none has),
@@ -68,7 +74,7 @@ class Stream:
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
-        self.latency_s: list[float] = []
+        self.latency_s: deque[float] = deque(maxlen=LATENCY_HISTORY_FRAMES)
         self.offered = 0
         self.sent = 0
         self.send_error: str | None = None

@@ -154,6 +154,32 @@ def test_pipeline_fits_small_face_where_it_is(d12, face_model, tmp_path):
     assert summary.frames == 5 and summary.faces == 0
 
 
+class _LiveBlank(_Pictures):
+    """Blank pictures from a live source (no face: quick to process)."""
+
+    live = True
+
+
+def test_live_take_keeps_per_frame_records_of_its_newest_frames_only(face_model, monkeypatch):
+    """Hours of live streaming must not grow memory: a live take's stage timings and frames without a
+    face are kept for its last LIVE_HISTORY_FRAMES frames; a recorded take keeps every frame's."""
+    import capture.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "LIVE_HISTORY_FRAMES", 4)
+    blank = [np.zeros((96, 96, 3), np.uint8)] * 10
+    capture = FaceCapture(face_model, LandmarkCorrespondence.load(), CaptureSettings())
+    try:
+        live = run_take(_LiveBlank(blank), capture, None, progress=False, queue_size=len(blank))
+        recorded = run_take(_Pictures(blank), capture, None, progress=False)
+    finally:
+        capture.close()
+    assert live.frames == recorded.frames == 10 and live.dropped == 0
+    assert list(live.frames_without_face) == [6, 7, 8, 9]
+    assert all(len(live.timings_s[stage]) == 4 for stage in pipeline.STAGES)
+    assert list(recorded.frames_without_face) == list(range(10))
+    assert all(len(recorded.timings_s[stage]) == 10 for stage in pipeline.STAGES)
+
+
 def test_both_engines_give_results_of_the_same_shapes(d12, face_model):
     """CoarseNet (the default) and the landmark optimiser fill the same FrameResult fields with
     arrays of the same shapes, time themselves under the same stage names, and lock identity."""

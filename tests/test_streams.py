@@ -124,6 +124,18 @@ def test_udp_stream_without_receiver_never_blocks(silent_udp_port):
     s.close()
 
 
+def test_stream_keeps_the_latency_of_its_newest_frames_only(silent_udp_port, monkeypatch):
+    """A live session streams for hours: the latency record must not grow with it."""
+    monkeypatch.setattr(streams, "LATENCY_HISTORY_FRAMES", 10)
+    s = UdpStream("127.0.0.1", silent_udp_port)
+    now = time.perf_counter()
+    for i in range(25):  # frame i captured 100 - i seconds ago
+        s.send_datagrams([b"x"], now - (100 - i))
+    s.close()
+    assert s.sent == 25 and len(s.latency_s) == 10
+    np.testing.assert_allclose(list(s.latency_s), 100 - np.arange(15, 25), atol=1.0)  # frames 15-24
+
+
 def test_unresolvable_host():
     with pytest.raises(StreamError, match="cannot resolve"):
         UdpStream("no-such-host.invalid", 9000)
