@@ -302,9 +302,10 @@ def memory(sampler: Sampler, duration_s: float) -> dict:
 
 
 def per_frame_lists(summary, hub) -> dict:
-    """What capture itself keeps per frame for the whole run (its timings, each stream's latency
-    list, the frames without a face): entries and their approximate size (an 8-byte list slot and a
-    float or int object, 32 bytes in Python's allocator, each), to tell them apart from other growth."""
+    """What capture itself keeps per frame at the end (its stage timings, each stream's latencies,
+    the frames without a face; a live take's last 9000 frames): entries and their approximate
+    size (an 8-byte slot and a float or int object, 32 bytes in Python's allocator, each), to
+    tell them apart from other growth."""
     lists = {"TakeSummary.timings_s": sum(len(v) for v in summary.timings_s.values()),
              "TakeSummary.frames_without_face": len(summary.frames_without_face),
              "Stream.latency_s": sum(len(s.latency_s) for s in hub.streams)}
@@ -379,6 +380,7 @@ def main(argv=None) -> int:
         return camera
 
     load_before = os.getloadavg()
+    git = git_state()  # the code as it was when the run started
     sampler = Sampler(args.sample_s, duration_s + 120, log, None if args.short else 60.0)
     cpu0 = time.process_time()
     wall0 = time.perf_counter()
@@ -413,7 +415,7 @@ def main(argv=None) -> int:
         "minutes": args.minutes, "wall_s": wall_s, "cpu_s": cpu_s, "cores": os.cpu_count(),
         "away": {"every_s": away.every_s, "away_s": away.away_s},
         "blink": getattr(started["settings"], "blink", None), "engine": started["settings"].engine,
-        "git": git_state(),
+        "git": git,
         "frames": {"from_camera": int(n), "processed": int(processed.sum()), "dropped_stale": int(summary.dropped),
                    "processed_per_s": float(processed.sum() / summary.wall_s),
                    "camera_per_s": float(n / summary.wall_s),
@@ -467,14 +469,16 @@ def print_report(r: dict) -> None:
               f"{'within' if p99 <= 2 * lat['frame_interval'] else 'OVER'}")
     print(f"memory (RSS): {mem['first_minute_mb']:.1f} MiB after the first {mem['warmup_s']:g} s -> "
           f"{mem['end_mb']:.1f} MiB at the end: {mem['growth_pct']:+.2f}% (flat: <= 5%); slope after warm-up "
-          f"{mem['slope_mb_per_hour']:+.1f} MiB/h; {mem['samples']} samples, {mem['min_mb']:.1f}-{mem['max_mb']:.1f} MiB")
+          f"{mem['slope_mb_per_hour']:+.1f} MiB/h; {mem['samples']} samples, "
+          f"{mem['min_mb']:.1f}-{mem['max_mb']:.1f} MiB")
     lists = mem["capture_per_frame_lists"]
-    print(f"  of which capture's per-frame lists (kept for the whole run): about {lists['approx_mb']:.1f} MiB, "
+    print(f"  of which capture's per-frame records at the end: about {lists['approx_mb']:.1f} MiB, "
           + ", ".join(f"{k} {v}" for k, v in lists["entries"].items()))
     if rec["found"]:
         print(f"recovery after the face returns ({rec['found']} of {rec['returns']} returns found, "
               f"{rec['never_found']} never): median {rec['median_ms']:.1f} ms, max {rec['max_ms']:.1f} ms "
-              f"(target <= 200 ms); frames missed median {rec['frames_missed_median']:g}, max {rec['frames_missed_max']}")
+              f"(target <= 200 ms); frames missed median {rec['frames_missed_median']:g}, "
+              f"max {rec['frames_missed_max']}")
     else:
         print(f"recovery: no return of the face was found ({rec['returns']} returns)")
     print("per stream: " + "; ".join(f"{k}: {v['frames_sent']} of {v['frames_offered']} frames sent, "
