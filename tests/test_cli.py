@@ -760,6 +760,7 @@ def test_stream_loop_sends_every_pass(tmp_path, capsys, udp_socket):
     """Issue 14: with --loop only the first pass reached the receiver. Every pass goes out, on one
     clock (frame numbers keep rising), until Ctrl-C, which ends the loop with the summary."""
     import _thread
+    import signal
     import struct
     import threading
 
@@ -777,10 +778,15 @@ def test_stream_loop_sends_every_pass(tmp_path, capsys, udp_socket):
         _thread.interrupt_main()  # Ctrl-C
 
     listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    status = cli.main(["stream", str(take), "--to", f"livelink://127.0.0.1:{udp_socket.getsockname()[1]}",
-                       "--loop", "--speed", "5", "--quiet"])
-    listener.join(timeout=5)
+    # interrupt_main does nothing while SIGINT is ignored (a shell's background job): Ctrl-C's handler here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        listener.start()
+        status = cli.main(["stream", str(take), "--to", f"livelink://127.0.0.1:{udp_socket.getsockname()[1]}",
+                           "--loop", "--speed", "5", "--quiet"])
+        listener.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert status == 0, err
     assert len(numbers) == 16 and np.all(np.diff(numbers) == 1), numbers  # 25 frames/s, one frame apart
