@@ -117,15 +117,11 @@ class EyeClosure:
     weights: Path = DEFAULT_WEIGHTS
 
     def __post_init__(self):
-        import onnxruntime as ort
+        from engine.runtime import cpu_session
 
         if not Path(self.weights).is_file():
             raise FileNotFoundError(f"eye-state weights not found: {self.weights} (make weights builds them)")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(self.weights), options, providers=["CPUExecutionProvider"])
+        self._session = cpu_session(self.weights)
         self._input = self._session.get_inputs()[0].name
 
     def __call__(self, image: np.ndarray, landmarks_px: np.ndarray) -> np.ndarray:

@@ -138,6 +138,31 @@ class TorchRuntime(CoarseRuntime):
         return [o.float().cpu().numpy() for o in outs]
 
 
+def cpu_session(model: str | Path | bytes, intra_op_threads: int = 1, spinning: bool = False,
+                optimization: str = "all"):
+    """An ONNX Runtime CPU InferenceSession: sequential, one inter-op thread, spinning off unless asked
+    (spinning pool threads take the CPU from the Python around them on a 2-core machine)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # optional at import time of engine, needed here
+        raise ImportError("ONNX Runtime is needed here (pip install onnxruntime)") from exc
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(intra_op_threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    flag = "1" if spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", flag)
+    so.add_session_config_entry("session.inter_op.allow_spinning", flag)
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+
+
 class OnnxRuntime(CoarseRuntime):
     """ONNX Runtime, CPU execution provider.
 
@@ -150,25 +175,7 @@ class OnnxRuntime(CoarseRuntime):
 
     def __init__(self, model: str | Path | bytes, intra_op_threads: int = 1, spinning: bool = False,
                  optimization: str = "all"):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:  # optional at import time of engine, needed here
-            raise ImportError("OnnxRuntime needs the onnxruntime package (pip install onnxruntime)") from exc
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(intra_op_threads)
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = {
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
-        flag = "1" if spinning else "0"
-        so.add_session_config_entry("session.intra_op.allow_spinning", flag)
-        so.add_session_config_entry("session.inter_op.allow_spinning", flag)
-        src = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(model, intra_op_threads, spinning, optimization)
         self.intra_op_threads, self.spinning = int(intra_op_threads), bool(spinning)
         shape = self.session.get_inputs()[0].shape  # [batch, S, S, 3]
         self.input_size = int(shape[1])
