@@ -156,7 +156,7 @@ class FaceCapture:
         self._identity_of_mesh = None
         self.eyes = None
         self._eyes_identity = None
-        self._follow = None  # where the last fitted face was (capture.tracking.FollowRegion), None after a loss
+        self._follow = None  # () -> where the last fitted face was (capture.tracking.FollowRegion), None after a loss
         self._follow_misses = 0  # frames without a face since that fit
         self._warm_up()
         self.reset()
@@ -275,8 +275,9 @@ class FaceCapture:
         if not np.array_equal(fit.identity, self._eyes_identity):
             self._update_eyes(fit.identity)
         if self.settings.follow_profiles and not self.settings.static:
-            self._follow = follow_region(self.basis.points(fit.identity, fit.expression), fit.rotation,
-                                         fit.translation, K)
+            # made only if the next frames lose the face: FaceMesh finds it in almost every frame
+            self._follow = lambda: follow_region(self.basis.points(fit.identity, fit.expression), fit.rotation,
+                                                 fit.translation, K)
             self._follow_misses = 0
         t2 = time.perf_counter()
         timings["fit"] = t2 - t1

@@ -22,6 +22,7 @@ reads low, bench/eval_profile.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -141,14 +142,14 @@ class FaceTracker:
         self.mode = "none"  # how the last frame was found: "full", "crop", "follow" or "none"
         self.confidence = 0.0  # the last frame's: 1 found by FaceMesh, <= 0.5 followed (FOLLOW_CONFIDENCE), 0 none
 
-    def track(self, rgb: np.ndarray, follow: FollowRegion | None = None) -> np.ndarray | None:
-        """The landmarks of the face in rgb (H, W, 3) uint8, or None. follow: where the face was
-        (the previous frame's fit), tried when FaceMesh finds nothing (not for photos)."""
+    def track(self, rgb: np.ndarray, follow: Callable[[], FollowRegion] | None = None) -> np.ndarray | None:
+        """The landmarks of the face in rgb (H, W, 3) uint8, or None. follow: gives where the face was
+        (the previous frame's fit), called and tried only when FaceMesh finds nothing (not for photos)."""
         following = follow is not None and not self.static
         landmarks = self._find(rgb, search_small=not following)
         self.confidence = 1.0 if landmarks is not None else 0.0
         if landmarks is None and following:
-            landmarks, presence = self._follow(rgb, follow)
+            landmarks, presence = self._follow(rgb, follow())
             if landmarks is None or presence < FOLLOW_MIN_PRESENCE:
                 return None
             self.mode, self.confidence = "follow", FOLLOW_CONFIDENCE * presence

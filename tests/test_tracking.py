@@ -130,9 +130,9 @@ def test_tracker_without_a_region_or_for_photos_does_not_follow(turning_head):
     profile = turning_head[YAWS.index(88)]
     with FaceTracker(static=True) as tracker:
         region = FollowRegion((160.0, 120.0), 150.0, 0.0)
-        tracker.track(profile, region)  # photos: every picture on its own, no region tried
+        tracker.track(profile, lambda: region)  # photos: every picture on its own, no region tried
         assert tracker.mode != "follow" and tracker._follower is None
     with FaceTracker() as tracker:
         assert tracker.track(turning_head[-1]) is not None and tracker.mode == "full"
-        assert tracker.track(turning_head[YAWS.index(None)], FollowRegion((160.0, 120.0), 150.0, 0.0)) is None
+        assert tracker.track(turning_head[YAWS.index(None)], lambda: FollowRegion((160.0, 120.0), 150.0, 0.0)) is None
         assert tracker.mode != "follow"
