@@ -10,6 +10,7 @@ overlaps with tracking.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import struct
 import threading
@@ -20,6 +21,8 @@ from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
+
+from engine.depth import DepthCalibration, denoise_depth, register_depth
 
 # FFmpeg prints lines of its own for every damaged packet of a corrupt video; VideoSource skips those
 # frames and counts them instead (read once, when OpenCV first opens a video with FFmpeg).
@@ -39,6 +42,8 @@ class Frame:
     # presentation times (s) of the source's undecodable frames just before this one, which were
     # skipped: they are the indices index - len(skipped_s) ... index - 1
     skipped_s: tuple[float, ...] = ()
+    # RGB-D sources: (H, W) float32 mm registered to `image` (the colour camera's z), 0 = no data
+    depth_mm: np.ndarray | None = None
 
 
 class SourceError(Exception):
@@ -151,6 +156,7 @@ class FrameSource:
     frame_count: int | None = None
     size: tuple[int, int] | None = None  # (width, height) px of the first frame
     live: bool = False
+    camera_matrix: np.ndarray | None = None  # the colour camera's (3, 3) K in px, when the source knows it
 
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
@@ -454,6 +460,212 @@ class CameraSource(FrameSource):
             self._capture.release()
             self._capture = None
         self._first = None
+
+
+def is_rgbd_folder(path: str | Path) -> bool:
+    """True for a folder holding rgb/ and depth/ folders: an RGB-D take (ours or BIWI's layout)."""
+    folder = Path(path)
+    return folder.is_dir() and (folder / "rgb").is_dir() and (folder / "depth").is_dir()
+
+
+def _describe_image(image: np.ndarray) -> str:
+    """'8-bit, 3 channels' and the like, for error messages."""
+    bits = image.dtype.itemsize * 8
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    kind = "float" if image.dtype.kind == "f" else f"{bits}-bit"
+    return f"{kind}, {channels} channel{'s' if channels != 1 else ''}"
+
+
+def _take_calibration(folder: Path) -> tuple[DepthCalibration, float]:
+    """The take's calibration and frame rate (frames/s): rgbd.json (ours), else BIWI's
+    depth_intrinsics.txt with the BIWI Kinect's colour calibration, at 30 frames/s."""
+    ours = folder / "rgbd.json"
+    if ours.exists():
+        try:
+            data = json.loads(ours.read_text(encoding="utf-8"))
+            calibration = DepthCalibration.from_dict(data)
+            fps = data.get("fps", RGBDFolderSource.default_fps)
+            if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+                raise ValueError(f"fps must be a number > 0, got {fps!r}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise SourceError(f"not a valid RGB-D calibration ({reason}): {ours}") from None
+        return calibration, float(fps)
+    if (folder / "depth_intrinsics.txt").exists():
+        try:
+            return DepthCalibration.biwi(folder), RGBDFolderSource.default_fps
+        except ValueError as error:
+            raise SourceError(f"not a valid RGB-D calibration: {error}") from None
+    raise SourceError(f"RGB-D take without a calibration (rgbd.json or depth_intrinsics.txt): {folder}")
+
+
+class RGBDFolderSource(FrameSource):
+    """A recorded RGB-D take: colour rgb/NAME.png|jpg and 16-bit depth depth/NAME.png, paired by
+    name, in name order; the calibration from rgbd.json (RGBDTakeWriter's) or BIWI's layout.
+
+    Each Frame carries the colour image and its depth registered to it (engine.depth.register_depth;
+    depth stored already registered is only scaled to mm), denoised unless denoise=False; time_s is
+    index / fps. Names that do not pair up and an empty take fail at construction; an unreadable
+    file or a depth image that is not 16-bit single-channel fails when it is reached, after the
+    frames before it.
+    """
+
+    default_fps = 30.0  # frames/s of a take whose rgbd.json gives none (BIWI's Kinect: 30)
+    colour_suffixes = (".png", ".jpg", ".jpeg")
+
+    def __init__(self, folder: str | Path, denoise: bool = True):
+        self.folder = Path(folder)
+        if not self.folder.exists():
+            raise SourceError(f"RGB-D take not found: {folder}")
+        if not is_rgbd_folder(self.folder):
+            raise SourceError(f"not an RGB-D take (no rgb/ and depth/ folders): {folder}")
+        self.calibration, self.fps = _take_calibration(self.folder)
+        self.pairs = self._pair(self.folder)
+        self.denoise = denoise
+        self.live = False
+        self.frame_count = len(self.pairs)
+        self.camera_matrix = np.array(self.calibration.colour_K)
+        first = cv2.imread(str(self.pairs[0][0]), cv2.IMREAD_COLOR)
+        if first is None:
+            raise SourceError(f"not a readable image: {self.pairs[0][0]}")
+        self.size = (first.shape[1], first.shape[0])
+
+    def _pair(self, folder: Path) -> list[tuple[Path, Path]]:
+        """(colour, depth) paths paired by name (without suffix), in name order."""
+        colour: dict[str, Path] = {}
+        for path in sorted((folder / "rgb").iterdir()):
+            if path.is_file() and path.suffix.lower() in self.colour_suffixes:
+                if path.stem in colour:
+                    raise SourceError(f"two colour images for one frame ({colour[path.stem].name}): {path}")
+                colour[path.stem] = path
+        depth = {path.stem: path for path in sorted((folder / "depth").iterdir())
+                 if path.is_file() and path.suffix.lower() == ".png"}
+        lonely = sorted(colour.keys() - depth.keys())
+        if lonely:
+            raise SourceError(f"no depth image depth/{lonely[0]}.png for colour image: {colour[lonely[0]]}")
+        lonely = sorted(depth.keys() - colour.keys())
+        if lonely:
+            raise SourceError(f"no colour image rgb/{lonely[0]}.png|jpg for depth image: {depth[lonely[0]]}")
+        if not colour:
+            raise SourceError(f"no frames in RGB-D take: {folder}")
+        return [(colour[stem], depth[stem]) for stem in sorted(colour)]
+
+    def _depth_mm(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """The raw depth image as (H, W) float32 mm in the colour camera."""
+        if raw.dtype != np.uint16 or raw.ndim != 2:
+            raise SourceError(f"depth image is not 16-bit single-channel ({_describe_image(raw)}): {path}")
+        calibration = self.calibration
+        W, H = self.size
+        if calibration.is_registered:
+            if raw.shape != (H, W):
+                raise SourceError(f"depth image is {raw.shape[1]}x{raw.shape[0]}, its take's colour "
+                                  f"{W}x{H} (stored registered, they must match): {path}")
+            depth_mm = raw.astype(np.float32)
+            if calibration.depth_unit_mm != 1.0:
+                depth_mm *= np.float32(calibration.depth_unit_mm)
+        else:
+            depth_mm = register_depth(raw, calibration, (W, H))
+        return denoise_depth(depth_mm) if self.denoise else depth_mm
+
+    def __iter__(self) -> Iterator[Frame]:
+        for index, (colour_path, depth_path) in enumerate(self.pairs):
+            start_s = time.perf_counter()
+            bgr = cv2.imread(str(colour_path), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise SourceError(f"not a readable image: {colour_path}")
+            if (bgr.shape[1], bgr.shape[0]) != self.size:
+                raise SourceError(f"colour image is {bgr.shape[1]}x{bgr.shape[0]}, the take's first "
+                                  f"{self.size[0]}x{self.size[1]}: {colour_path}")
+            raw = cv2.imread(str(depth_path), cv2.IMREAD_UNCHANGED)
+            if raw is None:
+                raise SourceError(f"not a readable depth image: {depth_path}")
+            depth_mm = self._depth_mm(raw, depth_path)
+            image = _bgr_to_rgb(bgr)
+            yield Frame(index, index / self.fps, image, str(colour_path), time.perf_counter() - start_s,
+                        depth_mm=depth_mm)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    """A PNG written under a temporary name and renamed: a take never holds half a picture."""
+    ok, data = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"could not encode {path}")
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        tmp.write_bytes(data.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class RGBDTakeWriter:
+    """Writes an RGB-D take that RGBDFolderSource reads back exactly: rgbd.json (the calibration
+    and fps) first, then per frame rgb/NNNNNN.png (lossless) and depth/NNNNNN.png (uint16 raw
+    values, × calibration.depth_unit_mm = mm).
+
+    Depth given as uint16 is stored as it is; as float mm it is rounded to the depth unit (0 and
+    below, NaN: no data). With DepthCalibration.registered(K) the depth must already be in the
+    colour camera, at the colour image's size. Refuses a folder that already holds frames.
+    """
+
+    def __init__(self, folder: str | Path, calibration: DepthCalibration, fps: float):
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < float("inf"):
+            raise ValueError(f"fps must be a number > 0, got {fps!r}")
+        self.folder = Path(folder)
+        self.calibration = calibration
+        self.fps = float(fps)
+        self.count = 0
+        for sub in ("rgb", "depth"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+            if any((self.folder / sub).iterdir()):
+                raise FileExistsError(f"{self.folder / sub} already holds frames")
+        calibration.to_json(self.folder / "rgbd.json", fps=self.fps)
+
+    def write(self, rgb: np.ndarray, depth: np.ndarray) -> int:
+        """One frame: rgb (H, W, 3) uint8 RGB, depth (Hd, Wd) uint16 raw or float mm. Returns its index."""
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"rgb must be (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
+        raw = self._raw_depth(np.asarray(depth))
+        if self.calibration.is_registered and raw.shape != rgb.shape[:2]:
+            raise ValueError(f"registered depth must be the colour image's size {rgb.shape[:2]}, got {raw.shape}")
+        name = f"{self.count:06d}.png"
+        _write_png(self.folder / "rgb" / name, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        _write_png(self.folder / "depth" / name, raw)
+        self.count += 1
+        return self.count - 1
+
+    def _raw_depth(self, depth: np.ndarray) -> np.ndarray:
+        """uint16 raw depth values from uint16 (as is) or float mm (rounded to the unit)."""
+        if depth.ndim != 2:
+            raise ValueError(f"depth must be (H, W), got {depth.shape}")
+        if depth.dtype == np.uint16:
+            return depth
+        if depth.dtype.kind != "f":
+            raise ValueError(f"depth must be uint16 raw or float mm, got {depth.dtype}")
+        with np.errstate(invalid="ignore"):
+            raw = np.rint(np.where(depth > 0, depth, 0.0) / self.calibration.depth_unit_mm)
+        if raw.max(initial=0) > np.iinfo(np.uint16).max:
+            raise ValueError(f"depth beyond {np.iinfo(np.uint16).max} units of {self.calibration.depth_unit_mm} mm")
+        return raw.astype(np.uint16)
+
+    def close(self) -> None:
+        """Nothing is held open; for symmetry with the other writers."""
+
+    def __enter__(self) -> "RGBDTakeWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_rgbd_take(folder: str | Path, frames, calibration: DepthCalibration, fps: float) -> int:
+    """Writes (rgb, depth) pairs as an RGB-D take (RGBDTakeWriter); returns how many."""
+    with RGBDTakeWriter(folder, calibration, fps) as writer:
+        for rgb, depth in frames:
+            writer.write(rgb, depth)
+        return writer.count
 
 
 class FrameReader:

@@ -16,14 +16,20 @@ from capture.sources import (
     FrameReader,
     FrameSource,
     ImageSource,
+    RGBDFolderSource,
+    RGBDTakeWriter,
     SourceError,
     VideoSource,
     _mp4_video_duration_s,
+    is_rgbd_folder,
+    write_rgbd_take,
 )
+from engine.depth import DepthCalibration, denoise_depth, register_depth
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 VIDEOS = SHARED / "data" / "videos"
 IMAGES = SHARED / "data" / "images"
+BIWI = SHARED / "data" / "rgbd" / "biwi01"
 
 RED_BGR = (0, 0, 255)
 STRIPE_STEP = 8  # grey level per frame index in the order-marking stripe
@@ -501,3 +507,199 @@ def test_reader_source_failing_before_first_frame() -> None:
     with FrameReader(Broken()) as reader:
         with pytest.raises(SourceError, match="already closed"):
             list(reader)
+
+
+# ---------------------------------------------------------------- RGB-D takes
+
+K_PX = np.array([[500.0, 0.0, 31.5], [0.0, 500.0, 23.5], [0.0, 0.0, 1.0]])
+
+
+def _rgbd_frames(n: int, seed: int = 0, size: tuple[int, int] = (64, 48)) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n (RGB uint8, depth uint16 mm) pairs of random content, a few depth pixels empty."""
+    rng = np.random.default_rng(seed)
+    W, H = size
+    frames = []
+    for _ in range(n):
+        depth = rng.integers(300, 5000, (H, W)).astype(np.uint16)
+        depth[rng.random((H, W)) < 0.1] = 0
+        frames.append((rng.integers(0, 256, (H, W, 3)).astype(np.uint8), depth))
+    return frames
+
+
+def _written_take(folder: Path, n: int = 3) -> Path:
+    write_rgbd_take(folder, _rgbd_frames(n), DepthCalibration.registered(K_PX), fps=25.0)
+    return folder
+
+
+def test_frame_and_source_defaults_without_depth(mp4_path: Path) -> None:
+    assert Frame(0, 0.0, np.zeros((2, 2, 3), np.uint8), "").depth_mm is None
+    with VideoSource(mp4_path) as source:
+        assert source.camera_matrix is None
+        assert next(iter(source)).depth_mm is None
+
+
+@pytest.mark.skipif(not (BIWI / "depth_intrinsics.txt").is_file(), reason=f"no BIWI frames at {BIWI}")
+def test_biwi_take_loads_registered_depth() -> None:
+    assert is_rgbd_folder(BIWI)
+    with RGBDFolderSource(BIWI) as source:
+        assert (source.size, source.fps, source.frame_count, source.live) == ((640, 480), 30.0, 5, False)
+        assert np.array_equal(source.camera_matrix, [[517.679, 0, 320], [0, 517.679, 240.5], [0, 0, 1]])
+        frames = list(source)
+    assert [f.index for f in frames] == list(range(5))
+    assert [f.time_s for f in frames] == pytest.approx([i / 30.0 for i in range(5)])
+    for i, frame in enumerate(frames):
+        assert frame.name == str(BIWI / "rgb" / f"frame_{i:05d}.png")
+        assert frame.image.shape == (480, 640, 3) and frame.image.dtype == np.uint8
+        expected_rgb = cv2.cvtColor(cv2.imread(frame.name), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(frame.image, expected_rgb)
+        depth = frame.depth_mm
+        assert depth.shape == (480, 640) and depth.dtype == np.float32
+        valid = depth > 0
+        # the sensor's 780-997 mm, seen from the colour camera 13 mm further forward
+        assert 750.0 < depth[valid].min() < 790.0 and 960.0 < depth[valid].max() < 1000.0
+        assert 40_000 < valid.sum() < 56_336  # denser colour pixels: fewer, each fed by one or more depth pixels
+        ys, xs = np.nonzero(valid)
+        assert 150 < xs.min() and xs.max() < 560 and 150 < ys.min()  # the seated person, mid-picture
+        raw = cv2.imread(str(BIWI / "depth" / f"frame_{i:05d}.png"), cv2.IMREAD_UNCHANGED)
+        calibration = DepthCalibration.biwi(BIWI)
+        assert np.array_equal(depth, denoise_depth(register_depth(raw, calibration, (640, 480))))
+
+
+def test_written_take_reads_back_bit_exact(tmp_path: Path) -> None:
+    frames = _rgbd_frames(4)
+    assert write_rgbd_take(tmp_path / "take", frames, DepthCalibration.registered(K_PX), fps=25.0) == 4
+    assert sorted(p.name for p in (tmp_path / "take" / "rgb").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert is_rgbd_folder(tmp_path / "take")
+    with RGBDFolderSource(tmp_path / "take", denoise=False) as source:
+        assert (source.size, source.fps, source.frame_count) == ((64, 48), 25.0, 4)
+        assert np.array_equal(source.camera_matrix, K_PX)
+        read = list(source)
+    assert [f.time_s for f in read] == [i / 25.0 for i in range(4)]
+    for (rgb, depth), frame in zip(frames, read):
+        assert np.array_equal(frame.image, rgb)
+        assert np.array_equal(frame.depth_mm, depth.astype(np.float32))
+
+
+def test_written_take_keeps_its_depth_unit_and_its_calibration(tmp_path: Path) -> None:
+    """Float mm depth stored in a 0.25 mm unit comes back to within the unit; a take stored in the
+    depth camera (not registered) is registered when read, as register_depth does it."""
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (48, 64, 3)).astype(np.uint8)
+    depth_mm = rng.uniform(300.0, 4000.0, (48, 64)).astype(np.float32)
+    depth_mm[0, :5] = [0.0, -1.0, np.nan, 0.1, 0.2]  # no data, no data, no data, rounds to 0, 1 unit
+    quarter = DepthCalibration.registered(K_PX, depth_unit_mm=0.25)
+    write_rgbd_take(tmp_path / "quarter", [(rgb, depth_mm)], quarter, fps=30.0)
+    frame = next(iter(RGBDFolderSource(tmp_path / "quarter", denoise=False)))
+    assert frame.depth_mm[0, :5].tolist() == [0.0, 0.0, 0.0, 0.0, 0.25]
+    assert np.abs(frame.depth_mm[1:] - depth_mm[1:]).max() <= 0.125
+    depth_K = np.array([[480.0, 0.0, 30.0], [0.0, 480.0, 25.0], [0.0, 0.0, 1.0]])
+    moved = DepthCalibration(K_PX, depth_K, np.eye(3), np.array([-20.0, 3.0, 0.0]))
+    raw = np.full((50, 60), 900, np.uint16)
+    write_rgbd_take(tmp_path / "moved", [(rgb, raw)], moved, fps=30.0)
+    frame = next(iter(RGBDFolderSource(tmp_path / "moved")))
+    assert np.array_equal(frame.depth_mm, denoise_depth(register_depth(raw, moved, (64, 48))))
+    assert (frame.depth_mm > 0).sum() > 0.5 * frame.depth_mm.size
+
+
+def test_writer_refuses_a_folder_with_frames_and_bad_input(tmp_path: Path) -> None:
+    take = _written_take(tmp_path / "take")
+    with pytest.raises(FileExistsError, match="already holds frames"):
+        RGBDTakeWriter(take, DepthCalibration.registered(K_PX), 30.0)
+    with RGBDTakeWriter(tmp_path / "new", DepthCalibration.registered(K_PX), 30.0) as writer:
+        with pytest.raises(ValueError, match="colour image's size"):
+            writer.write(np.zeros((48, 64, 3), np.uint8), np.zeros((24, 32), np.uint16))
+        with pytest.raises(ValueError, match="uint8"):
+            writer.write(np.zeros((48, 64, 3), np.float32), np.zeros((48, 64), np.uint16))
+        with pytest.raises(ValueError, match="beyond 65535"):
+            writer.write(np.zeros((48, 64, 3), np.uint8), np.full((48, 64), 70000.0))
+        assert writer.count == 0
+    for fps in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fps"):
+            RGBDTakeWriter(tmp_path / f"fps{fps}", DepthCalibration.registered(K_PX), fps)
+
+
+def test_reader_gets_every_rgbd_frame(tmp_path: Path) -> None:
+    take = _written_take(tmp_path / "take", n=6)
+    with FrameReader(RGBDFolderSource(take), queue_size=1) as reader:
+        frames = list(reader)
+    assert [f.index for f in frames] == list(range(6)) and reader.dropped == 0
+    assert all(f.depth_mm is not None and f.depth_mm.shape == (48, 64) for f in frames)
+
+
+def test_is_rgbd_folder(tmp_path: Path) -> None:
+    assert not is_rgbd_folder(tmp_path / "missing")
+    (tmp_path / "rgb").mkdir()
+    assert not is_rgbd_folder(tmp_path)
+    (tmp_path / "depth").mkdir()
+    assert is_rgbd_folder(tmp_path)
+    (tmp_path / "file.png").write_bytes(b"")
+    assert not is_rgbd_folder(tmp_path / "file.png")
+    if IMAGES.is_dir():
+        assert not is_rgbd_folder(IMAGES)
+
+
+def _error(folder: Path) -> str:
+    """The SourceError of opening and reading the take: one line."""
+    with pytest.raises(SourceError) as info:
+        list(RGBDFolderSource(folder))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_rgbd_errors_name_the_file(tmp_path: Path) -> None:
+    assert _error(tmp_path / "missing") == f"RGB-D take not found: {tmp_path / 'missing'}"
+    (tmp_path / "plain").mkdir()
+    assert _error(tmp_path / "plain") == f"not an RGB-D take (no rgb/ and depth/ folders): {tmp_path / 'plain'}"
+
+    take = _written_take(tmp_path / "nocal")
+    (take / "rgbd.json").unlink()
+    assert _error(take) == f"RGB-D take without a calibration (rgbd.json or depth_intrinsics.txt): {take}"
+    (take / "rgbd.json").write_text('{"colour_K": [[1, 0, 0]]}')
+    assert _error(take) == f"not a valid RGB-D calibration (missing depth_K, R_depth_to_colour, t_depth_to_colour_mm): {take / 'rgbd.json'}"
+    DepthCalibration.registered(K_PX).to_json(take / "rgbd.json", fps=-5)
+    assert _error(take) == f"not a valid RGB-D calibration (fps must be a number > 0, got -5): {take / 'rgbd.json'}"
+    (take / "rgbd.json").unlink()
+    (take / "depth_intrinsics.txt").write_text("575.8 575.8\n")
+    assert _error(take).startswith(f"not a valid RGB-D calibration: {take / 'depth_intrinsics.txt'}: 2 numbers")
+
+    take = _written_take(tmp_path / "lonely_rgb")
+    (take / "depth" / "000001.png").unlink()
+    assert _error(take) == f"no depth image depth/000001.png for colour image: {take / 'rgb' / '000001.png'}"
+    take = _written_take(tmp_path / "lonely_depth")
+    (take / "rgb" / "000002.png").rename(take / "rgb" / "000009.png")
+    assert _error(take) == f"no depth image depth/000009.png for colour image: {take / 'rgb' / '000009.png'}"
+    (take / "depth" / "000009.png").write_bytes((take / "depth" / "000002.png").read_bytes())
+    assert _error(take) == f"no colour image rgb/000002.png|jpg for depth image: {take / 'depth' / '000002.png'}"
+    take = _written_take(tmp_path / "empty", n=0)
+    assert _error(take) == f"no frames in RGB-D take: {take}"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda take: cv2.imwrite(str(take / "depth" / "000001.png"), np.zeros((48, 64), np.uint8)),
+     "depth image is not 16-bit single-channel (8-bit, 1 channel): {depth}"),
+    (lambda take: cv2.imwrite(str(take / "depth" / "000001.png"), np.zeros((48, 64, 3), np.uint16)),
+     "depth image is not 16-bit single-channel (16-bit, 3 channels): {depth}"),
+    (lambda take: (take / "depth" / "000001.png").write_bytes(b"not a png"), "not a readable depth image: {depth}"),
+    (lambda take: (take / "rgb" / "000001.png").write_bytes(b"\x89PNG truncated"), "not a readable image: {rgb}"),
+    (lambda take: cv2.imwrite(str(take / "depth" / "000001.png"), np.zeros((24, 32), np.uint16)),
+     "depth image is 32x24, its take's colour 64x48 (stored registered, they must match): {depth}"),
+    (lambda take: cv2.imwrite(str(take / "rgb" / "000001.png"), np.zeros((24, 32, 3), np.uint8)),
+     "colour image is 32x24, the take's first 64x48: {rgb}"),
+])
+def test_rgbd_bad_frame_fails_after_the_frames_before_it(tmp_path: Path, damage, message: str) -> None:
+    take = _written_take(tmp_path / "take")
+    damage(take)
+    source = RGBDFolderSource(take)
+    frames = iter(source)
+    assert next(frames).index == 0
+    with pytest.raises(SourceError) as info:
+        next(frames)
+    assert str(info.value) == message.format(depth=take / "depth" / "000001.png", rgb=take / "rgb" / "000001.png")
+
+
+def test_rgbd_first_colour_image_unreadable_fails_at_construction(tmp_path: Path) -> None:
+    take = _written_take(tmp_path / "take")
+    (take / "rgb" / "000000.png").write_bytes(b"")
+    with pytest.raises(SourceError, match=f"^not a readable image: {take / 'rgb' / '000000.png'}$"):
+        RGBDFolderSource(take)
