@@ -160,8 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Track and fit every frame of a video; frames without a face are "
                        "marked in track.npz and skipped in the CSV and meshes. No frame is dropped.")
-    p.add_argument("input", type=Path, help="video file (mp4, mov, avi, ...)")
+    p.add_argument("input", type=Path, help="video file (mp4, mov, avi, ...), or an RGB-D take: a folder "
+                   "with rgb/ and depth/ (see the README), whose depth refines every fit")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--save-pointclouds", action="store_true",
+                   help="RGB-D takes: also write pointclouds/NNNNNN.ply, each frame's registered depth in "
+                   "camera space (cm, coloured)")
     _common(p)
 
     p = sub.add_parser("image", help="process photos", epilog=EPILOG,
@@ -322,16 +326,20 @@ def _take_folder(out: Path, overwrite: bool) -> TakeLock:
 
 def cmd_video(args) -> int:
     from capture.pipeline import run_take
-    from capture.sources import VideoSource
+    from capture.sources import RGBDFolderSource, VideoSource, is_rgbd_folder
 
-    source = VideoSource(args.input)
+    rgbd = _is_dir(args.input) and is_rgbd_folder(args.input)
+    if args.save_pointclouds and not rgbd:
+        raise CaptureError(f"--save-pointclouds needs an RGB-D take (a folder with rgb/ and depth/): {args.input}")
+    source = RGBDFolderSource(args.input) if rgbd else VideoSource(args.input)
     out = args.out or _default_out(args.input)
     try:
         with _take_folder(out, args.overwrite):  # the output place is checked before the engine loads
             capture = _load_capture(args, static=False)
             try:
                 summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
-                                   max_frames=args.max_frames, swap_mouth_lr=args.swap_mouth_lr)
+                                   max_frames=args.max_frames, swap_mouth_lr=args.swap_mouth_lr,
+                                   pointclouds=args.save_pointclouds)
             finally:
                 capture.close()
     finally:

@@ -24,18 +24,20 @@ from pathlib import Path
 import numpy as np
 
 from capture.sinks import BackgroundMeshWriter, LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
-from capture.sources import FrameReader, FrameSource
+from capture.sources import Frame, FrameReader, FrameSource
 from capture.streams import StreamHub, stream_frame
-from capture.take_folder import OutputError, cut_back, reason
+from capture.take_folder import POINTCLOUD_FOLDER, OutputError, cut_back, reason
 from capture.tracking import FOLLOW_PATIENCE_FRAMES, FaceTracker, follow_region
 from engine.arkit import arkit_from_model
 from engine.calibration import ActorProfile, AutoNeutral
 from engine.coarse_fitting import CoarseFitter, open_runtime
 from engine.contour import Landmarks68
 from engine.correspondence import LandmarkCorrespondence
+from engine.depth import backproject, write_ply_points
+from engine.depth_fit import DepthBasis, DepthRefiner, DepthSettings
 from engine.facemodel import FaceModel, barycentric_points
 from engine.filters import OneEuroFilter
-from engine.fitting import FitSettings, LandmarkBasis, TakeFitter
+from engine.fitting import FitResult, FitSettings, LandmarkBasis, TakeFitter
 from engine.eyestate import EyeClosure, subject_left_first
 from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, LidClosure, eye_look_weights, gaze_angles,
                          gaze_visibility, lid_aperture)
@@ -86,6 +88,7 @@ class CaptureSettings:
     translation_beta: float = 3.0   # per cm/s
     actor: ActorProfile | None = None
     auto_neutral: bool = True
+    depth: DepthSettings = field(default_factory=DepthSettings)  # frames that come with depth (RGB-D)
 
 
 @dataclass
@@ -116,6 +119,8 @@ class FrameResult:
     eyes_ypr_rad: np.ndarray | None = None
     landmarks68: np.ndarray | None = None
     rms_px: float = float("nan")
+    depth_samples: int = 0                       # depth samples the fit was refined against (0: no depth used)
+    depth_residual_mm: float = float("nan")      # their median |model - depth|, point to plane
     timings_s: dict = field(default_factory=dict)
 
 
@@ -158,6 +163,7 @@ class FaceCapture:
         self._eyes_identity = None
         self._follow = None  # () -> where the last fitted face was (capture.tracking.FollowRegion), None after a loss
         self._follow_misses = 0  # frames without a face since that fit
+        self.depth_basis = DepthBasis.build(model, self.basis.identity.shape[0])
         self._warm_up()
         self.reset()
 
@@ -178,6 +184,9 @@ class FaceCapture:
         (an actor profile's identity is locked again)."""
         s = self.settings
         self._new_fitter()
+        self.depth_refiner = DepthRefiner(self.basis, self.depth_basis, s.depth)
+        if s.actor is not None:
+            self.depth_refiner.lock(s.actor.identity)
         # eye closure from the lids: the take learns its open eye (a photo has none to learn from)
         self.lid_closure = LidClosure() if s.blink == "lids" and not s.static else None
         self.auto_neutral = None
@@ -226,10 +235,16 @@ class FaceCapture:
     def camera_matrix(self, width: int, height: int) -> np.ndarray:
         return default_camera_matrix(width, height, self.settings.focal_px)
 
-    def process(self, image: np.ndarray, time_s: float, index: int = 0) -> FrameResult:
-        """One RGB picture (H, W, 3) uint8 at time_s -> FrameResult."""
+    def process(self, image: np.ndarray, time_s: float, index: int = 0, depth_mm: np.ndarray | None = None,
+                camera_matrix: np.ndarray | None = None) -> FrameResult:
+        """One RGB picture (H, W, 3) uint8 at time_s -> FrameResult.
+
+        depth_mm: (H, W) depth registered to the picture (colour camera z, mm; 0 = no data): the
+        fit is refined against it (engine.depth_fit). camera_matrix: the colour camera's K (px),
+        when the source knows it (its calibration wins over settings.focal_px, a guess for
+        sources without one, and the depth is registered with it)."""
         h, w = image.shape[:2]
-        K = self.camera_matrix(w, h)
+        K = self.camera_matrix(w, h) if camera_matrix is None else np.asarray(camera_matrix, np.float64)
         timings = {}
         t0 = time.perf_counter()
         if self.settings.static:  # every photo its own face: fresh identity and tracking
@@ -272,6 +287,9 @@ class FaceCapture:
         passes = self.settings.photo_passes if self.settings.static and self._runtime is None else 1
         for _ in range(passes):
             fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
+        if depth_mm is not None:
+            fit, result.depth_samples, result.depth_residual_mm = self._refine_with_depth(fit, landmarks, K,
+                                                                                          depth_mm, pin)
         if not np.array_equal(fit.identity, self._eyes_identity):
             self._update_eyes(fit.identity)
         if self.settings.follow_profiles and not self.settings.static:
@@ -303,6 +321,20 @@ class FaceCapture:
         timings["filter"] = time.perf_counter() - t2
         return result
 
+    def _refine_with_depth(self, fit: FitResult, landmarks: np.ndarray, K: np.ndarray, depth_mm: np.ndarray, pin):
+        """The fit refined against the frame's depth, gaze and blink pinned again at the refined pose;
+        once the depth has locked an identity, the fitter keeps it for the rest of the take."""
+        pinned = pin(fit.rotation, fit.translation)
+        refined, seen, residual_mm = self.depth_refiner.refine(fit, landmarks, K, depth_mm, pinned)
+        if not seen:
+            return fit, 0, residual_mm
+        for i, value in pin(refined.rotation, refined.translation).items():
+            refined.expression[i] = value
+        if self.depth_refiner.identity_locked and not np.array_equal(self.fitter.identity, refined.identity):
+            self.fitter.identity = refined.identity.copy()
+            self.fitter.identity_locked = True
+        return refined, seen, residual_mm
+
     def undecodable(self, index: int, time_s: float, like: np.ndarray) -> FrameResult:
         """The result of a frame the source could not decode, in a take whose pictures are like `like`."""
         h, w = like.shape[:2]
@@ -330,9 +362,11 @@ class TakeWriter:
     """
 
     def __init__(self, out_dir: Path, capture: FaceCapture, fps: float, mesh_format: str = "obj",
-                 source_fps: float | None = None, swap_mouth_lr: bool = False):
+                 source_fps: float | None = None, swap_mouth_lr: bool = False, pointclouds: bool = False):
         """fps times the CSV's rows; source_fps (None: unknown, e.g. photos) goes into track.npz;
-        swap_mouth_lr exchanges MouthLeft and MouthRight in the CSV only (LiveLinkCsvWriter)."""
+        swap_mouth_lr exchanges MouthLeft and MouthRight in the CSV only (LiveLinkCsvWriter);
+        pointclouds: each frame with depth also gets pointclouds/NNNNNN.ply, its registered depth
+        in camera space (cm, coloured), whether or not it shows a face."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.capture = capture
@@ -344,15 +378,19 @@ class TakeWriter:
         self.track = TrackWriter(self.out_dir / "track.npz", n_expression=capture.model.n_expression,
                                  n_identity=capture.basis.identity.shape[0],
                                  fps=source_fps or float("nan"))
+        self.pointclouds = self.out_dir / POINTCLOUD_FOLDER if pointclouds else None
         self._camera_set = False
         self.failure: OSError | None = None  # the first write that failed
         self.kept: int | None = None  # frames the take holds, once closed
         self._writing: int | None = None  # the frame whose writes are under way
 
-    def write(self, result: FrameResult) -> None:
+    def write(self, result: FrameResult, frame: Frame | None = None) -> None:
+        """One frame's files; frame (its picture and depth) is needed for point clouds only."""
         self._writing = result.index
         try:
             self._write(result)
+            if self.pointclouds is not None and frame is not None and frame.depth_mm is not None:
+                self._write_pointcloud(result, frame)
         except OSError as exc:
             self.failure = self.failure or exc
             raise
@@ -372,7 +410,15 @@ class TakeWriter:
                        expression=result.expression, rotation=result.rotation,
                        translation=result.translation, landmarks68=result.landmarks68,
                        identity=result.identity, eyes_ypr_rad=result.eyes_ypr_rad,
-                       confidence=result.confidence, decoded=result.decoded)
+                       confidence=result.confidence, decoded=result.decoded,
+                       depth_residual_mm=result.depth_residual_mm)
+
+    def _write_pointcloud(self, result: FrameResult, frame: Frame) -> None:
+        points = backproject(frame.depth_mm, result.camera_matrix).reshape(-1, 3)
+        valid = np.isfinite(points[:, 2])
+        self.pointclouds.mkdir(exist_ok=True)
+        write_ply_points(self.pointclouds / f"{result.index:06d}.ply", points[valid],
+                         colours=frame.image.reshape(-1, 3)[valid])
 
     def close(self, complete: bool = True) -> None:
         """Finishes the files. complete=False: the take stopped midway (an error, an interrupt,
@@ -425,7 +471,8 @@ class TakeSummary:
 
 def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, mesh_format: str = "obj",
              progress: bool = True, max_frames: int | None = None, on_result=None,
-             queue_size: int = 4, streams: StreamHub | None = None, swap_mouth_lr: bool = False) -> TakeSummary:
+             queue_size: int = 4, streams: StreamHub | None = None, swap_mouth_lr: bool = False,
+             pointclouds: bool = False) -> TakeSummary:
     """Drive a source through the pipeline into out_dir (None: no files).
 
     A SourceError raised midway (e.g. a truncated video) propagates after every
@@ -451,7 +498,7 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     writer = None
     if out_dir is not None:
         try:
-            writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps, swap_mouth_lr)
+            writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps, swap_mouth_lr, pointclouds)
         except OSError as exc:
             raise OutputError(f"cannot write in the take folder {out_dir}: {reason(exc)}") from None
     total = source.frame_count if max_frames is None else min(max_frames, source.frame_count or max_frames)
@@ -472,14 +519,14 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
                 bar.update(1)
             if max_frames is not None and summary.frames + summary.skipped >= max_frames:
                 break
-            result = capture.process(frame.image, frame.time_s, frame.index)
+            result = capture.process(frame.image, frame.time_s, frame.index, frame.depth_mm, source.camera_matrix)
             t0 = time.perf_counter()
             if streams is not None:
                 streams.send(stream_frame(result, frame.captured_s, fps))
             result.timings_s["stream"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             if writer is not None:
-                writer.write(result)
+                writer.write(result, frame)
             result.timings_s["write"] = time.perf_counter() - t0
             result.timings_s["decode"] = frame.decode_s
             for stage in STAGES:

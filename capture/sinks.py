@@ -438,6 +438,9 @@ class TrackWriter:
     video's skipped frame: no face, NaN everywhere, time and index kept);
     ``confidence`` is the tracker's on a frame with a face (1: FaceMesh's own
     landmarks; at most 0.5: followed through a profile), NaN without one.
+    ``depth_residual_mm`` is an RGB-D frame's median |model − depth| after the fit
+    (engine.depth_fit, point to plane over the face samples the depth sees), NaN on
+    frames without depth or a face.
 
     ``add`` re-saves at most every ``checkpoint_every_s`` of wall time (the
     first ``add`` saves at once), so a crash loses little; each save
@@ -474,6 +477,7 @@ class TrackWriter:
             "face_found": ((), np.bool_, False),
             "decoded": ((), np.bool_, True),
             "confidence": ((), np.float32, np.nan),
+            "depth_residual_mm": ((), np.float32, np.nan),
             "blendshapes": ((n_bs,), np.float32, np.nan),
             "expression": ((self.n_expression,), np.float32, np.nan),
             "rotation": ((3, 3), np.float32, np.nan),
@@ -510,7 +514,8 @@ class TrackWriter:
 
     def add(self, frame_index: int, time_s: float, face_found: bool, blendshapes=None,
             expression=None, rotation=None, translation=None, landmarks68=None,
-            identity=None, eyes_ypr_rad=None, confidence=None, decoded: bool = True) -> None:
+            identity=None, eyes_ypr_rad=None, confidence=None, decoded: bool = True,
+            depth_residual_mm=None) -> None:
         """Appends one frame; saves a checkpoint if ``checkpoint_every_s`` has passed.
 
         identity (n_identity,) is the identity this frame was fitted with: it changes while
@@ -520,7 +525,7 @@ class TrackWriter:
             raise ValueError("writer is closed")
         values = {"blendshapes": blendshapes, "expression": expression, "rotation": rotation,
                   "translation": translation, "landmarks68": landmarks68, "identity_per_frame": identity,
-                  "eyes_ypr_rad": eyes_ypr_rad, "confidence": confidence}
+                  "eyes_ypr_rad": eyes_ypr_rad, "confidence": confidence, "depth_residual_mm": depth_residual_mm}
         checked = {}
         for name, value in values.items():
             if value is None or not face_found:

@@ -28,6 +28,10 @@ MESH_FOLDER = "meshes"
 #: A mesh file in MESH_FOLDER (capture.sinks.MeshSequenceWriter: frame number, 6 digits or more),
 #: or one being written (sinks._write_atomic's temporary name).
 MESH_FILE = re.compile(r"\.?\d{6,}\.(obj|ply)(\.tmp)?")
+#: An RGB-D take's point clouds (--save-pointclouds): POINTCLOUD_FOLDER/NNNNNN.ply, as the meshes.
+POINTCLOUD_FOLDER = "pointclouds"
+#: The per-frame folders of a take: name -> the files in it that are the take's.
+FRAME_FOLDERS = {MESH_FOLDER: MESH_FILE, POINTCLOUD_FOLDER: re.compile(r"\.?\d{6,}\.ply(\.tmp)?")}
 
 #: What a user should read for the errors an output place gives (else the system's wording).
 _REASONS = {
@@ -180,10 +184,10 @@ def earlier_take(folder) -> tuple[list[str], int]:
     for entry in _entries(folder):
         if entry.name == LOCK_NAME:
             continue
-        if entry.name == MESH_FOLDER and entry.is_dir(follow_symlinks=False):
-            for mesh in _entries(folder / MESH_FOLDER):
-                if MESH_FILE.fullmatch(mesh.name) and not mesh.is_dir(follow_symlinks=False):
-                    take.append(f"{MESH_FOLDER}/{mesh.name}")
+        if entry.name in FRAME_FOLDERS and entry.is_dir(follow_symlinks=False):
+            for item in _entries(folder / entry.name):
+                if FRAME_FOLDERS[entry.name].fullmatch(item.name) and not item.is_dir(follow_symlinks=False):
+                    take.append(f"{entry.name}/{item.name}")
                 else:
                     others += 1
         elif entry.name in TAKE_FILES and not entry.is_dir(follow_symlinks=False):
@@ -205,7 +209,7 @@ def _entries(folder: Path) -> list[os.DirEntry]:
 
 def make_room(folder, overwrite: bool) -> str | None:
     """Refuses a take folder that holds an earlier take (OutputError, one line), or with overwrite
-    removes that take's files (TAKE_FILES and the meshes; nothing else: other files and folders
+    removes that take's files (TAKE_FILES, the meshes and point clouds; nothing else: other files and folders
     stay) and returns one line saying what went; None when there was no earlier take.
 
     Writing a new take over an old one would mix the two (the old meshes beside the new track),
@@ -214,26 +218,28 @@ def make_room(folder, overwrite: bool) -> str | None:
     take, others = earlier_take(folder)
     if not take:
         return None
-    meshes = sum(name.startswith(MESH_FOLDER + "/") for name in take)
-    what = [name for name in take if not name.startswith(MESH_FOLDER + "/")]
-    if meshes:
-        what.append(f"{meshes} mesh file{'s' if meshes != 1 else ''} in {MESH_FOLDER}/")
+    per_frame = {d: sum(name.startswith(d + "/") for name in take) for d in FRAME_FOLDERS}
+    what = [name for name in take if "/" not in name]
+    for d, n in per_frame.items():
+        if n:
+            what.append(f"{n} {'mesh' if d == MESH_FOLDER else 'point cloud'} file{'s' if n != 1 else ''} in {d}/")
     what = ", ".join(what)
     if not overwrite:
         raise OutputError(f"{folder} holds an earlier take ({what}): give --overwrite to replace it, "
                           "or choose another --out")
-    for name in sorted(take, key=lambda n: not n.startswith(MESH_FOLDER + "/")):  # meshes first, track last
+    for name in sorted(take, key=lambda n: "/" not in n):  # per-frame files first, track last
         try:
             os.remove(folder / name)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise OutputError(f"cannot remove the earlier take's {folder / name}: {reason(exc)}") from None
-    if meshes:
-        try:
-            (folder / MESH_FOLDER).rmdir()
-        except OSError:  # other files in it: they stay
-            pass
+    for d, n in per_frame.items():
+        if n:
+            try:
+                (folder / d).rmdir()
+            except OSError:  # other files in it: they stay
+                pass
     kept = (f"; {others} other entries left as they were" if others > 1 else
             "; 1 other entry left as it was" if others else "")
     return f"--overwrite: removed the earlier take in {folder} ({what}){kept}"

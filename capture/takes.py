@@ -41,6 +41,7 @@ PER_FRAME = {
     "identity_per_frame": ((None,), "f"),
     "decoded": ((), "b"),        # False: a frame the source could not decode (older takes lack it)
     "confidence": ((), "f"),     # the tracker's, NaN without a face (older takes lack it)
+    "depth_residual_mm": ((), "f"),  # median |model - depth| of an RGB-D frame's fit, NaN without (older: absent)
 }
 #: Arrays of the whole take: name -> (shape, dtype kinds).
 PER_TAKE = {

@@ -202,10 +202,14 @@ def landmark_rms_px(basis: LandmarkBasis, landmarks_px, K, R, t, expression, ide
 def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.ndarray,
                        R: np.ndarray, t: np.ndarray, expression: np.ndarray, identity: np.ndarray,
                        settings: FitSettings, iterations: int, solve_expression: bool = True,
-                       lower: np.ndarray | None = None, upper: np.ndarray | None = None):
+                       lower: np.ndarray | None = None, upper: np.ndarray | None = None,
+                       extra=None, expression_target: np.ndarray | None = None):
     """Gauss-Newton on pose and bounded expression; returns (R, t, expression).
 
     Expression weights stay in [lower, upper] (default [0, 1]); equal bounds pin a weight.
+    extra: optional (R, t, expression) -> (r, Jt) of more residuals in cm with linearise's
+    rows (e.g. engine.depth_fit's depth term), solved together with the landmarks.
+    expression_target: where the expression prior pulls (default 0).
     """
     M = basis.expression.shape[0]
     lower = np.zeros(M) if lower is None else lower
@@ -214,13 +218,17 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
     n_var = 6 + (M if solve_expression else 0)
     reg = np.full(n_var, settings.expression_prior)
     reg[:6] = 1e-6
+    target = np.zeros(M) if expression_target is None else expression_target
     for _ in range(iterations):
         r, Jt = linearise(basis, landmarks_px, K, R, t, e, identity, solve_expression)
+        if extra is not None:
+            r2, Jt2 = extra(R, t, e)
+            r, Jt = np.concatenate([r, r2]), np.concatenate([Jt, Jt2[:n_var]], axis=1)
         H = Jt @ Jt.T
         H[np.diag_indices(n_var)] += reg
         g = Jt @ r
         if solve_expression:
-            g[6:] += settings.expression_prior * e
+            g[6:] += settings.expression_prior * (e - target)
         delta = _bounded_step(H, g, e if solve_expression else None, lower, upper)
         R = rodrigues(delta[:3]) @ R
         t = t + delta[3:6]

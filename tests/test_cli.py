@@ -889,3 +889,44 @@ def test_train_coarse_without_data_is_one_line(tmp_path, capsys):
     status = cli.main(["train", "coarse", "--out", str(tmp_path / "run"), "--data", str(tmp_path), "--steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and len(err) == 1 and err[0].startswith("capture: error: no shard-*.npz")
+
+
+# ----------------------------------------------------------------------------- RGB-D takes
+
+BIWI = SHARED / "data" / "rgbd" / "biwi01"
+
+
+def test_rgbd_take_is_fitted_to_its_depth_and_writes_point_clouds(tmp_path, capsys):
+    import trimesh
+
+    from capture.sources import RGBDFolderSource
+
+    out = tmp_path / "biwi"
+    code, err = _run(["video", BIWI, "--out", out, "--save-pointclouds", "--mesh-format", "none", "--quiet"], capsys)
+    assert code == 0, err
+    track = np.load(out / "track.npz")
+    assert track["face_found"].all() and len(track["face_found"]) == 5
+    assert (track["depth_residual_mm"] < 2.5).all()                      # the BIWI target
+    np.testing.assert_allclose(track["camera_matrix"][0], [517.679, 0.0, 320.0])  # the take's colour camera
+    with RGBDFolderSource(BIWI) as source:
+        frames = list(source)
+    clouds = sorted((out / "pointclouds").iterdir())
+    assert [c.name for c in clouds] == [f"{i:06d}.ply" for i in range(5)]
+    for frame, path in zip(frames, clouds):
+        cloud = trimesh.load(path)                                        # an independent reader
+        valid = frame.depth_mm > 0
+        assert len(cloud.vertices) == valid.sum()
+        np.testing.assert_allclose(np.sort(cloud.vertices[:, 2]), np.sort(frame.depth_mm[valid]) / 10, rtol=1e-6)
+        np.testing.assert_array_equal(cloud.colors[:, :3], frame.image[valid])
+    # the same folder again: refused, then replaced with --overwrite, point clouds included
+    code, err = _run(["video", BIWI, "--out", out, "--quiet"], capsys)
+    _assert_one_line_error(code, err, "5 point cloud files in pointclouds/")
+    code, err = _run(["video", BIWI, "--out", out, "--mesh-format", "none", "--overwrite", "--quiet"], capsys)
+    assert code == 0, err
+    assert not (out / "pointclouds").exists()
+
+
+def test_point_clouds_need_a_take_with_depth(tmp_path, capsys):
+    code, err = _run(["video", D12, "--out", tmp_path / "o", "--save-pointclouds"], capsys)
+    _assert_one_line_error(code, err, "--save-pointclouds needs an RGB-D take")
+    assert not (tmp_path / "o").exists()

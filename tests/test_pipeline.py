@@ -213,3 +213,42 @@ def test_coarse_engine_without_weights_names_the_file(face_model, tmp_path):
     FaceCapture(face_model, corr, CaptureSettings(engine="fit", coarse_weights=missing)).close()  # needs none
     with pytest.raises(ValueError, match="unknown engine"):
         FaceCapture(face_model, corr, CaptureSettings(engine="fine"))
+
+
+# ----------------------------------------------------------------------------- RGB-D frames
+
+BIWI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rgbd" / "biwi01"
+
+
+@pytest.mark.skipif(not BIWI.is_dir(), reason=f"the BIWI RGB-D frames are not at {BIWI}")
+def test_depth_refines_real_kinect_frames(face_model):
+    """On BIWI's Kinect frames the colour-only fit sits centimetres off the measured surface (a face's
+    distance from its apparent size); with the depth, within about a millimetre of it."""
+    from capture.sources import RGBDFolderSource
+    from engine.depth_fit import depth_residual_mm
+    from engine.fitting import FitResult
+
+    with RGBDFolderSource(BIWI) as source:
+        frames = list(source)
+        K = source.camera_matrix
+    capture = FaceCapture(face_model, LandmarkCorrespondence.load(), CaptureSettings(filtering=False))
+    try:
+        colour = [capture.process(f.image, f.time_s, f.index, camera_matrix=K) for f in frames]
+        capture.reset()
+        rgbd = [capture.process(f.image, f.time_s, f.index, f.depth_mm, K) for f in frames]
+    finally:
+        capture.close()
+    for frame, c, d in zip(frames, colour, rgbd):
+        assert c.face_found and d.face_found
+        assert c.depth_samples == 0 and np.isnan(c.depth_residual_mm)
+        assert d.depth_samples > 300 and d.depth_residual_mm < 2.5
+        before, _ = depth_residual_mm(capture.depth_basis, frame.depth_mm * np.float32(0.1), K,
+                                      FitResult(c.rotation, c.translation, c.expression, c.identity, 0.0),
+                                      capture.settings.depth)
+        assert np.isnan(before) or before > 4 * d.depth_residual_mm
+        # the face's distance agrees with the depth under the nose tip's landmark (index 1)
+        u, v = np.rint(d.landmarks[1, :2]).astype(int)
+        nose_cm = frame.depth_mm[v - 2:v + 3, u - 2:u + 3]
+        nose_cm = np.median(nose_cm[nose_cm > 0]) / 10
+        tip = capture.basis.points(d.identity, d.expression)[1] @ d.rotation.T + d.translation
+        assert abs(tip[2] - nose_cm) < 0.5

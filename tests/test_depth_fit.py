@@ -1,0 +1,204 @@
+"""engine.depth_fit: the depth term, its Jacobian, and what a depth image recovers.
+
+The recovery tests render the real face model (a random identity and expression) into an exact
+depth image with trainers.rgbd.render_depth_mm, give the refiner exact landmarks and a start
+that is wrong in pose, distance or identity, and measure what it brings back.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.correspondence import LandmarkCorrespondence
+from engine.depth_fit import (DepthBasis, DepthRefiner, DepthSettings, depth_at, depth_linearise,
+                              depth_residual_mm, depth_sample_vertices, depth_shift_cm)
+from engine.facemodel import FACE_VERTICES
+from engine.fitting import FitResult, LandmarkBasis
+from engine.gaze import IRIS_LANDMARKS
+from engine.pose import default_camera_matrix, model_to_camera, project, rodrigues, rotation_to_axis_angle
+from trainers.rgbd import render_depth_mm
+
+W, H = 640, 480
+K = default_camera_matrix(W, H)
+
+
+@pytest.fixture(scope="module")
+def bases(model):
+    landmarks = LandmarkBasis.from_correspondence(model, LandmarkCorrespondence.load(), exclude=IRIS_LANDMARKS)
+    return landmarks, DepthBasis.build(model)
+
+
+def _face(model, seed: int):
+    """A random person and expression, posed in front of the camera: identity (60,), expression (53,),
+    R, t (cm), and its exact depth image (H, W) mm."""
+    rng = np.random.default_rng(seed)
+    identity = np.clip(rng.normal(0, 1, 60), -2.5, 2.5)
+    expression = np.zeros(model.n_expression)
+    picks = rng.choice(model.n_expression, 6, replace=False)
+    expression[picks] = rng.uniform(0.1, 0.6, 6)
+    R = model_to_camera(*rng.uniform(-0.3, 0.3, 3) * [1.0, 0.6, 0.4])
+    t = np.array([rng.uniform(-3, 3), rng.uniform(-2, 2), rng.uniform(55, 75)])
+    verts = model.vertices(identity.astype(np.float32), expression.astype(np.float32)).astype(np.float64)
+    depth, _ = render_depth_mm(verts @ R.T + t, model.triangles, K, (W, H))
+    return identity, expression, R, t, depth
+
+
+def _landmarks(basis, identity, expression, R, t):
+    return project(basis.points(identity, expression) @ R.T + t, K)
+
+
+def _rigidly_aligned_error(a, b) -> float:
+    """Mean distance between point sets (N, 3) after the best rotation and translation (Kabsch):
+    a face shape's error, apart from the pose that the pose estimate answers for."""
+    a0, b0 = a - a.mean(0), b - b.mean(0)
+    U, _, Vt = np.linalg.svd(a0.T @ b0)
+    d = np.sign(np.linalg.det(U @ Vt))
+    R = U @ np.diag([1.0, 1.0, d]) @ Vt
+    return float(np.linalg.norm(a0 @ R - b0, axis=1).mean())
+
+
+def _rotation_error_deg(A, B) -> float:
+    return float(np.degrees(np.linalg.norm(rotation_to_axis_angle(A @ B.T))))
+
+
+def test_samples_cover_the_front_of_the_face_evenly(model):
+    vid = depth_sample_vertices(model, spacing_cm=0.6)
+    assert 300 < len(vid) < 1500
+    assert vid.max() < FACE_VERTICES.stop and len(np.unique(vid)) == len(vid)
+    cells = np.floor(model.neutral[vid, :2] / 0.6).astype(int)
+    assert len(np.unique(cells, axis=0)) == len(vid)          # one per cell
+    lm = model.neutral[model.landmark68_vertices]
+    assert model.neutral[vid, 2].min() > lm[[0, 16], 2].mean()  # in front of the ears
+    # the nose tip and the chin are covered
+    for landmark in (30, 8):
+        assert np.linalg.norm(model.neutral[vid] - lm[landmark], axis=1).min() < 0.6
+
+
+def test_depth_at_a_tilted_plane_gives_its_points_and_normal():
+    n_true = np.array([0.3, -0.2, -1.0])
+    n_true /= np.linalg.norm(n_true)
+    p0 = np.array([0.0, 0.0, 60.0])                      # cm
+    u, v = np.meshgrid(np.arange(W), np.arange(H))
+    ray = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones((H, W))], axis=2)
+    z = (n_true @ p0) / (ray @ n_true)                    # ray-plane intersection, cm
+    depth_cm = z.astype(np.float32)
+    depth_cm[200:210, 300:310] = 0                        # a hole
+    uv = np.array([[320.0, 240.0], [100.0, 400.0], [305.0, 205.0], [1.0, 1.0]])
+    P, n, ok = depth_at(depth_cm, K, uv, 2)
+    assert ok.tolist() == [True, True, False, False]      # the hole and the border are not seen
+    np.testing.assert_allclose(n[:2], np.tile(n_true, (2, 1)), atol=1e-3)
+    np.testing.assert_allclose((P[:2] - p0) @ n_true, 0.0, atol=1e-3)
+
+
+def test_jacobian_matches_finite_differences(model, bases):
+    _, dbasis = bases
+    identity, expression, R, t, depth = _face(model, 1)
+    depth_cm = depth * np.float32(0.1)
+    # a state off the surface by ~1 mm (inside the Huber region), so every residual is smooth
+    # (and no gate that a step could carry a sample across: the same samples on both sides)
+    s = DepthSettings(huber_cm=10.0, gate_cm=10.0, min_normal_agreement=-1.0, min_normal_z=0.0)
+    t0 = t + np.array([0.02, -0.03, 0.1])
+    e0 = np.clip(expression + 0.05, 0, 1)
+    r, Jt = depth_linearise(dbasis, depth_cm, K, R, t0, e0, identity, s, solve_identity=True)
+    assert len(r) > 300
+    eps = 1e-4
+    M = len(e0)
+    directions = {0: ("rot", 0), 4: ("t", 1), 6 + 3: ("e", 3), 6 + M + 2: ("id", 2)}
+    for row, (kind, i) in directions.items():
+        R1, t1, e1, a1 = R, t0.copy(), e0.copy(), identity.copy()
+        if kind == "rot":
+            w = np.zeros(3)
+            w[i] = eps
+            R1 = rodrigues(w) @ R
+        elif kind == "t":
+            t1[i] += eps
+        elif kind == "e":
+            e1[i] += eps
+        else:
+            a1[i] += eps
+        r1, _ = depth_linearise(dbasis, depth_cm, K, R1, t1, e1, a1, s)
+        assert len(r1) == len(r)
+        # a sample whose projection crosses into the next pixel meets another plane: a jump, not
+        # a derivative; all the others must agree
+        close = np.abs((r1 - r) / eps - Jt[row]) <= 2e-3 + 1e-2 * np.abs(Jt[row])
+        assert close.mean() > 0.97, (kind, close.mean())
+
+
+def test_a_face_placed_3_cm_too_far_is_moved_back_along_its_ray(model, bases):
+    _, dbasis = bases
+    identity, expression, R, t, depth = _face(model, 2)
+    far = t * (t[2] + 3.0) / t[2]
+    shift, seen = depth_shift_cm(dbasis, depth * np.float32(0.1), K, R, far, expression, identity)
+    assert seen > 300
+    # one coarse step (the samples meet the surface at other pixels once moved): well inside the
+    # depth term's 2 cm gate, which does the rest
+    assert np.linalg.norm(far + shift - t) < 0.4
+    no_depth = np.zeros_like(depth)
+    assert depth_shift_cm(dbasis, no_depth, K, R, far, expression, identity)[1] == 0
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_refine_recovers_pose_from_a_wrong_start(model, bases, seed):
+    landmarks, dbasis = bases
+    identity, expression, R, t, depth = _face(model, seed)
+    refiner = DepthRefiner(landmarks, dbasis, DepthSettings(iterations=3))
+    refiner.lock(identity)
+    R0 = rodrigues(np.radians([3.0, -2.0, 1.5])) @ R
+    t0 = t * (t[2] + 2.0) / t[2] + np.array([0.3, -0.2, 0.0])   # 2 cm too far, 3 mm aside
+    start = FitResult(R0, t0, expression.copy(), identity.copy(), 0.0)
+    lm = _landmarks(landmarks, identity, expression, R, t)
+    fit, seen, residual_mm = refiner.refine(start, lm, K, depth)
+    assert seen > 300
+    assert _rotation_error_deg(fit.rotation, R) < 0.3 < _rotation_error_deg(R0, R) / 5
+    assert np.linalg.norm(fit.translation - t) < 0.05                  # 0.5 mm, from 2 cm
+    assert residual_mm < 0.2
+    assert residual_mm < depth_residual_mm(dbasis, depth * np.float32(0.1), K, start, refiner.settings)[0]
+
+
+def test_pinned_weights_stay_and_no_depth_leaves_the_fit(model, bases):
+    landmarks, dbasis = bases
+    identity, expression, R, t, depth = _face(model, 5)
+    refiner = DepthRefiner(landmarks, dbasis)
+    start = FitResult(R, t + [0, 0, 0.5], expression.copy(), identity.copy(), 0.0)
+    lm = _landmarks(landmarks, identity, expression, R, t)
+    fit, seen, _ = refiner.refine(start, lm, K, depth, pinned={10: 0.7, 11: 0.0})
+    assert seen > 300 and fit.expression[10] == 0.7 and fit.expression[11] == 0.0
+    same, seen, residual = refiner.refine(start, lm, K, np.zeros_like(depth))
+    assert same is start and seen == 0 and np.isnan(residual)
+
+
+def _identity_from_depth(model, bases, identity, settings):
+    """The identity a refiner locks from settings.identity_frames exact depth images of a neutral
+    face turning from side to side, starting from the mean face."""
+    landmarks, dbasis = bases
+    refiner = DepthRefiner(landmarks, dbasis, settings)
+    for k in range(settings.identity_frames):
+        R = model_to_camera(0.25 * (k - 1.5), 0.1 * (-1) ** k, 0.0)
+        t = np.array([0.0, 0.0, 60.0 + k])
+        verts = model.vertices(identity.astype(np.float32), np.zeros(model.n_expression, np.float32))
+        depth, _ = render_depth_mm(verts.astype(np.float64) @ R.T + t, model.triangles, K, (W, H))
+        lm = _landmarks(landmarks, identity, np.zeros(model.n_expression), R, t)
+        start = FitResult(R, t, np.zeros(model.n_expression), np.zeros(60), 0.0)
+        assert not refiner.identity_locked
+        fit, _, _ = refiner.refine(start, lm, K, depth)
+    assert refiner.identity_locked
+    return fit.identity
+
+
+def test_identity_from_depth_is_closer_than_the_mean_face_and_locks(model, bases):
+    identity = np.clip(np.random.default_rng(6).normal(0, 1, 60), -2.5, 2.5)
+    front = bases[1].vertex_ids
+
+    def front_error_mm(a):
+        v = model.neutral[front] + np.tensordot(a, model.identity_modes[:60, front], axes=1)
+        w = model.neutral[front] + np.tensordot(identity, model.identity_modes[:60, front], axes=1)
+        return 10 * _rigidly_aligned_error(v, w)
+
+    mean_face = front_error_mm(np.zeros(60))
+    depth_alone = front_error_mm(_identity_from_depth(model, bases, identity, DepthSettings(identity_frames=4)))
+    # the depth fixes the surface, not where features sit on it (that slides along the surface
+    # unseen): 40 % off the mean face's error; exact landmarks pin the features and do better
+    assert depth_alone < 0.6 * mean_face
+    with_landmarks = front_error_mm(_identity_from_depth(
+        model, bases, identity, DepthSettings(identity_frames=4, identity_landmark_weight=1.0)))
+    assert with_landmarks < 0.85 * depth_alone
