@@ -668,6 +668,192 @@ def write_rgbd_take(folder: str | Path, frames, calibration: DepthCalibration, f
         return writer.count
 
 
+class _LiveRGBDSource(FrameSource):
+    """A live RGB-D camera whose driver hands colour and depth over as one pair, depth already
+    registered to the colour image. The first pair is read on opening, so a camera that gives
+    nothing fails early; time_s is monotonic seconds since it was opened. Iterated through a
+    FrameReader (live: stale pairs are dropped there), each pair is read on the reader thread.
+    """
+
+    live = True
+    frame_count = None
+    name = "RGB-D camera"
+
+    def _start(self, denoise: bool) -> None:
+        """Reads the first pair; the subclass has opened its device and set camera_matrix."""
+        self.denoise = denoise
+        self._opened_s = time.monotonic()
+        try:
+            first = self._read_pair()
+        except SourceError:
+            self.close()
+            raise
+        if first is None:
+            self.close()
+            raise SourceError(f"{self.name} gave no first frame")
+        self._first = first
+        self._first_time_s = time.monotonic() - self._opened_s
+        self.size = (first[0].shape[1], first[0].shape[0])
+
+    def _read_pair(self) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """(RGB (H, W, 3) uint8, depth (H, W) float32 mm registered, seconds spent), None once closed;
+        SourceError when the device fails."""
+        raise NotImplementedError
+
+    def _frame(self, index: int, pair, time_s: float) -> Frame:
+        image, depth_mm, decode_s = pair
+        if self.denoise:
+            depth_mm = denoise_depth(depth_mm)
+        return Frame(index, time_s, image, "", decode_s, depth_mm=depth_mm)
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._first is not None:
+            yield self._frame(0, self._first, self._first_time_s)
+            self._first = None
+        index = 1
+        while True:
+            pair = self._read_pair()
+            if pair is None:  # closed
+                return
+            yield self._frame(index, pair, time.monotonic() - self._opened_s)
+            index += 1
+
+
+def _import_realsense():
+    """The pyrealsense2 module, or SourceError saying how to get it."""
+    try:
+        import pyrealsense2
+    except ImportError as error:
+        raise SourceError(f"a RealSense camera needs pyrealsense2 (pip install 'capture[rgbd]'): {error}") from None
+    return pyrealsense2
+
+
+class RealSenseSource(_LiveRGBDSource):
+    """An Intel RealSense camera through pyrealsense2: colour (RGB) and depth streams, depth
+    aligned to colour by the library (rs.align), scaled by the device's depth unit to mm.
+    camera_matrix is the colour stream's intrinsics (its lens distortion, near zero on D400
+    colour cameras, is left out).
+    """
+
+    name = "RealSense camera"
+    timeout_ms = 5000  # a frame later than this: the camera stopped
+
+    def __init__(self, width: int = 640, height: int = 480, fps: float = 30.0, denoise: bool = True):
+        rs = _import_realsense()
+        self._rs = rs
+        self._pipeline = None
+        self._first = None
+        if len(rs.context().query_devices()) == 0:
+            raise SourceError("no RealSense camera found")
+        config = rs.config()
+        config.enable_stream(rs.stream.depth, int(width), int(height), rs.format.z16, int(fps))
+        config.enable_stream(rs.stream.color, int(width), int(height), rs.format.rgb8, int(fps))
+        pipeline = rs.pipeline()
+        try:
+            profile = pipeline.start(config)
+        except RuntimeError as error:
+            raise SourceError(f"RealSense camera could not be started at {width}x{height}, {fps:g} frames/s: "
+                              f"{str(error).splitlines()[0] if str(error) else 'no reason given'}") from None
+        self._pipeline = pipeline
+        self.fps = float(fps)
+        self._depth_unit_mm = np.float32(profile.get_device().first_depth_sensor().get_depth_scale() * 1000.0)
+        intrinsics = profile.get_stream(rs.stream.color).as_video_stream_profile().get_intrinsics()
+        self.camera_matrix = np.array([[intrinsics.fx, 0.0, intrinsics.ppx],
+                                       [0.0, intrinsics.fy, intrinsics.ppy], [0.0, 0.0, 1.0]])
+        self._align = rs.align(rs.stream.color)
+        self._start(denoise)
+
+    def _read_pair(self):
+        while True:
+            pipeline = self._pipeline
+            if pipeline is None:
+                return None
+            start_s = time.perf_counter()
+            try:
+                frames = pipeline.wait_for_frames(self.timeout_ms)
+                aligned = self._align.process(frames)
+                depth, colour = aligned.get_depth_frame(), aligned.get_color_frame()
+            except RuntimeError as error:
+                if self._pipeline is None:  # closed while waiting
+                    return None
+                raise SourceError(f"RealSense camera stopped delivering frames: "
+                                  f"{str(error).splitlines()[0] if str(error) else 'no reason given'}") from None
+            if not depth or not colour:
+                continue  # a set missing one of the two (the streams starting): wait for a whole pair
+            depth_mm = np.asanyarray(depth.get_data()).astype(np.float32)
+            depth_mm *= self._depth_unit_mm
+            image = np.array(np.asanyarray(colour.get_data()), dtype=np.uint8)
+            return image, depth_mm, time.perf_counter() - start_s
+
+    def close(self) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        self._first = None
+        if pipeline is not None:
+            try:
+                pipeline.stop()
+            except RuntimeError:
+                pass
+
+
+class OpenNISource(_LiveRGBDSource):
+    """A Kinect-style OpenNI2 camera through OpenCV (cv2.CAP_OPENNI2): one grab() takes a depth
+    map and a colour image together; the driver registers depth to colour
+    (CAP_PROP_OPENNI_REGISTRATION). camera_matrix uses the driver's focal length with the
+    principal point at the image centre. OpenCV's pip wheels are built without OpenNI2; an OpenCV
+    built with it is needed.
+    """
+
+    def __init__(self, index: int = 0, denoise: bool = True):
+        self.index = index
+        self.name = f"OpenNI camera {index}"
+        self._first = None
+        self._capture = None
+        cap = cv2.VideoCapture(cv2.CAP_OPENNI2 + int(index))
+        if not cap.isOpened():
+            cap.release()
+            built = any("OpenNI" in line and "YES" in line for line in cv2.getBuildInformation().splitlines())
+            raise SourceError(f"{self.name} could not be opened" + (
+                "" if built else " (this OpenCV is built without OpenNI2)"))
+        self._capture = cap
+        cap.set(cv2.CAP_OPENNI_DEPTH_GENERATOR + cv2.CAP_PROP_OPENNI_REGISTRATION, 1)
+        if cap.get(cv2.CAP_OPENNI_DEPTH_GENERATOR + cv2.CAP_PROP_OPENNI_REGISTRATION) != 1:
+            self.close()
+            raise SourceError(f"{self.name} cannot register its depth to its colour camera")
+        self.fps = _valid_rate(cap.get(cv2.CAP_OPENNI_IMAGE_GENERATOR + cv2.CAP_PROP_FPS))
+        self._focal_px = cap.get(cv2.CAP_OPENNI_DEPTH_GENERATOR + cv2.CAP_PROP_OPENNI_FOCAL_LENGTH)
+        self._start(denoise)
+        W, H = self.size
+        f = self._focal_px if self._focal_px == self._focal_px and self._focal_px > 0 else None
+        self.camera_matrix = None if f is None else np.array(
+            [[f, 0.0, (W - 1) / 2.0], [0.0, f, (H - 1) / 2.0], [0.0, 0.0, 1.0]])
+
+    def _read_pair(self):
+        cap = self._capture
+        if cap is None:
+            return None
+        start_s = time.perf_counter()
+        try:
+            ok = cap.grab()
+            ok_depth, depth = cap.retrieve(flag=cv2.CAP_OPENNI_DEPTH_MAP) if ok else (False, None)
+            ok_colour, bgr = cap.retrieve(flag=cv2.CAP_OPENNI_BGR_IMAGE) if ok else (False, None)
+        except cv2.error:
+            ok = ok_depth = ok_colour = False
+        if self._capture is None:  # closed while reading
+            return None
+        if not (ok and ok_depth and ok_colour) or depth is None or bgr is None:
+            raise SourceError(f"{self.name} stopped delivering frames")
+        if depth.shape != bgr.shape[:2]:
+            raise SourceError(f"{self.name} gave a {depth.shape[1]}x{depth.shape[0]} depth map for a "
+                              f"{bgr.shape[1]}x{bgr.shape[0]} colour image")
+        return _bgr_to_rgb(bgr), depth.astype(np.float32), time.perf_counter() - start_s
+
+    def close(self) -> None:
+        cap, self._capture = self._capture, None
+        self._first = None
+        if cap is not None:
+            cap.release()
+
+
 class FrameReader:
     """Reads a FrameSource on a background thread into a bounded queue.
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import cv2
@@ -16,6 +18,8 @@ from capture.sources import (
     FrameReader,
     FrameSource,
     ImageSource,
+    OpenNISource,
+    RealSenseSource,
     RGBDFolderSource,
     RGBDTakeWriter,
     SourceError,
@@ -703,3 +707,217 @@ def test_rgbd_first_colour_image_unreadable_fails_at_construction(tmp_path: Path
     (take / "rgb" / "000000.png").write_bytes(b"")
     with pytest.raises(SourceError, match=f"^not a readable image: {take / 'rgb' / '000000.png'}$"):
         RGBDFolderSource(take)
+
+
+# ---------------------------------------------------------------- live RGB-D cameras (fake devices)
+
+
+class _FakeRealSenseFrame:
+    def __init__(self, data: np.ndarray | None):
+        self.data = data
+
+    def __bool__(self) -> bool:  # pyrealsense2's frames are falsy when absent
+        return self.data is not None
+
+    def get_data(self) -> np.ndarray:
+        return self.data
+
+
+class _FakeRealSense:
+    """The few pyrealsense2 calls RealSenseSource makes, on scripted frame sets: each item of
+    `sets` is (rgb or None, depth raw or None), or an exception to raise from wait_for_frames."""
+
+    def __init__(self, sets, devices: int = 1, depth_scale_m: float = 0.001, start_error: str | None = None):
+        fake = self
+        self.sets = list(sets)
+        self.enabled, self.stopped, self.aligned_to = [], 0, None
+
+        class stream:
+            depth, color = "depth", "color"
+
+        class format:
+            z16, rgb8 = "z16", "rgb8"
+
+        class context:
+            def query_devices(self):
+                return [object()] * devices
+
+        class config:
+            def enable_stream(self, *args):
+                fake.enabled.append(args)
+
+        intrinsics = types.SimpleNamespace(fx=610.0, fy=611.0, ppx=318.5, ppy=241.0, width=64, height=48)
+        sensor = types.SimpleNamespace(get_depth_scale=lambda: depth_scale_m)
+        profile = types.SimpleNamespace(
+            get_device=lambda: types.SimpleNamespace(first_depth_sensor=lambda: sensor),
+            get_stream=lambda kind: types.SimpleNamespace(
+                as_video_stream_profile=lambda: types.SimpleNamespace(get_intrinsics=lambda: intrinsics)))
+
+        class pipeline:
+            def start(self, cfg):
+                if start_error is not None:
+                    raise RuntimeError(start_error)
+                return profile
+
+            def wait_for_frames(self, timeout_ms):
+                if not fake.sets:
+                    raise RuntimeError(f"Frame didn't arrive within {timeout_ms}")
+                item = fake.sets.pop(0)
+                if isinstance(item, BaseException):
+                    raise item
+                return item
+
+            def stop(self):
+                fake.stopped += 1
+
+        class align:
+            def __init__(self, to):
+                fake.aligned_to = to
+
+            def process(self, frames):
+                rgb, depth = frames
+                return types.SimpleNamespace(get_depth_frame=lambda: _FakeRealSenseFrame(depth),
+                                             get_color_frame=lambda: _FakeRealSenseFrame(rgb))
+
+        self.module = types.SimpleNamespace(stream=stream, format=format, context=context, config=config,
+                                            pipeline=pipeline, align=align)
+
+
+def test_realsense_without_the_library(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyrealsense2", None)  # import fails
+    with pytest.raises(SourceError, match=r"^a RealSense camera needs pyrealsense2 \(pip install 'capture\[rgbd\]'\)"):
+        RealSenseSource()
+
+
+@pytest.mark.parametrize("fake, message", [
+    (_FakeRealSense([], devices=0), "no RealSense camera found"),
+    (_FakeRealSense([], start_error="Couldn't resolve requests\nmore"),
+     "RealSense camera could not be started at 640x480, 30 frames/s: Couldn't resolve requests"),
+    (_FakeRealSense([]), "RealSense camera stopped delivering frames: Frame didn't arrive within 5000"),
+])
+def test_realsense_failures_are_one_line(monkeypatch, fake, message: str) -> None:
+    monkeypatch.setitem(sys.modules, "pyrealsense2", fake.module)
+    with pytest.raises(SourceError) as info:
+        RealSenseSource()
+    assert str(info.value) == message
+    assert fake.stopped == (1 if "stopped delivering" in message else 0)  # a started camera is stopped again
+
+
+def test_realsense_pairs_aligned_frames_in_mm(monkeypatch) -> None:
+    frames = _rgbd_frames(3)
+    sets = [(frames[0][0], None),  # the depth stream not started yet: skipped
+            (frames[0][0], frames[0][1]), (frames[1][0], frames[1][1]), (None, frames[2][1]),
+            (frames[2][0], frames[2][1]), RuntimeError("Frame didn't arrive within 5000")]
+    fake = _FakeRealSense(sets, depth_scale_m=0.00025)
+    monkeypatch.setitem(sys.modules, "pyrealsense2", fake.module)
+    source = RealSenseSource(64, 48, 30, denoise=False)
+    assert (source.live, source.size, source.fps) == (True, (64, 48), 30.0)
+    assert ("depth", 64, 48, "z16", 30) in fake.enabled and ("color", 64, 48, "rgb8", 30) in fake.enabled
+    assert fake.aligned_to == "color"
+    assert np.array_equal(source.camera_matrix, [[610.0, 0, 318.5], [0, 611.0, 241.0], [0, 0, 1]])
+    got = []
+    with pytest.raises(SourceError, match="^RealSense camera stopped delivering frames: Frame didn't arrive"):
+        for frame in source:
+            got.append(frame)
+    assert [f.index for f in got] == [0, 1, 2]
+    assert all(a.time_s <= b.time_s for a, b in zip(got, got[1:]))
+    for (rgb, raw), frame in zip(frames, got):
+        assert np.array_equal(frame.image, rgb)
+        assert np.array_equal(frame.depth_mm, raw.astype(np.float32) * np.float32(0.25))
+    source.close()
+    source.close()
+    assert fake.stopped == 1
+
+
+def test_realsense_through_the_reader_drops_stale_pairs(monkeypatch) -> None:
+    frames = _rgbd_frames(1)
+    fake = _FakeRealSense([frames[0]] * 40)
+    monkeypatch.setitem(sys.modules, "pyrealsense2", fake.module)
+    source = RealSenseSource(64, 48, 30)
+    with FrameReader(source, queue_size=2) as reader:
+        assert reader.drop_stale
+        time.sleep(0.3)  # the camera runs ahead of a consumer that does not read
+        with pytest.raises(SourceError, match="stopped delivering"):
+            list(reader)
+    assert reader.dropped >= 35
+    assert fake.stopped == 1
+
+
+class _FakeOpenNI:
+    """A cv2.VideoCapture stand-in for an OpenNI2 device: grab() then retrieve(flag=...)."""
+
+    def __init__(self, pairs, opened: bool = True, registration: bool = True, focal_px: float = 525.0):
+        self.pairs, self.opened, self.registration, self.focal_px = list(pairs), opened, registration, focal_px
+        self.device, self.released, self.current = None, 0, None
+
+    def __call__(self, device):  # used in place of the cv2.VideoCapture class
+        self.device = device
+        return self
+
+    def isOpened(self):
+        return self.opened
+
+    def set(self, prop, value):
+        if prop == cv2.CAP_OPENNI_DEPTH_GENERATOR + cv2.CAP_PROP_OPENNI_REGISTRATION and self.registration:
+            self.registered = value
+        return self.registration
+
+    def get(self, prop):
+        if prop == cv2.CAP_OPENNI_DEPTH_GENERATOR + cv2.CAP_PROP_OPENNI_REGISTRATION:
+            return float(getattr(self, "registered", 0))
+        if prop == cv2.CAP_OPENNI_DEPTH_GENERATOR + cv2.CAP_PROP_OPENNI_FOCAL_LENGTH:
+            return self.focal_px
+        if prop == cv2.CAP_OPENNI_IMAGE_GENERATOR + cv2.CAP_PROP_FPS:
+            return 30.0
+        return 0.0
+
+    def grab(self):
+        if not self.pairs:
+            return False
+        self.current = self.pairs.pop(0)
+        return True
+
+    def retrieve(self, image=None, flag=0):
+        rgb, depth = self.current
+        if flag == cv2.CAP_OPENNI_DEPTH_MAP:
+            return True, depth
+        if flag == cv2.CAP_OPENNI_BGR_IMAGE:
+            return True, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        return False, None
+
+    def release(self):
+        self.released += 1
+
+
+def test_openni_grabs_registered_pairs(monkeypatch) -> None:
+    frames = _rgbd_frames(3)
+    fake = _FakeOpenNI(frames)
+    monkeypatch.setattr(cv2, "VideoCapture", fake)
+    source = OpenNISource(1, denoise=False)
+    assert fake.device == cv2.CAP_OPENNI2 + 1
+    assert (source.live, source.size, source.fps) == (True, (64, 48), 30.0)
+    assert np.array_equal(source.camera_matrix, [[525.0, 0, 31.5], [0, 525.0, 23.5], [0, 0, 1]])
+    got = []
+    with pytest.raises(SourceError, match="^OpenNI camera 1 stopped delivering frames$"):
+        for frame in source:
+            got.append(frame)
+    for (rgb, raw), frame in zip(frames, got, strict=True):
+        assert np.array_equal(frame.image, rgb) and np.array_equal(frame.depth_mm, raw.astype(np.float32))
+    source.close()
+    source.close()
+    assert fake.released == 1
+
+
+@pytest.mark.parametrize("fake, message", [
+    (_FakeOpenNI([], opened=False), "OpenNI camera 0 could not be opened"),
+    (_FakeOpenNI(_rgbd_frames(1), registration=False), "OpenNI camera 0 cannot register its depth to its colour camera"),
+    (_FakeOpenNI([]), "OpenNI camera 0 stopped delivering frames"),
+    (_FakeOpenNI([(_rgbd_frames(1)[0][0], np.zeros((24, 32), np.uint16))]),
+     "OpenNI camera 0 gave a 32x24 depth map for a 64x48 colour image"),
+])
+def test_openni_failures_are_one_line(monkeypatch, fake, message: str) -> None:
+    monkeypatch.setattr(cv2, "VideoCapture", fake)
+    with pytest.raises(SourceError) as info:
+        OpenNISource(0)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert fake.released == 1
