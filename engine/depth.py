@@ -6,12 +6,13 @@ depth in mm (what sensors deliver), points in cm (the face model's and the fit's
 in px. Cameras follow engine.pose: x right, y down, z forward, u = fx·x/z + cx, pixel centres at
 integer coordinates.
 
-Open3D is optional and not used here. On one 640x480 frame (README, "RGB-D takes") its way to
-register (a point cloud from the depth, transformed, projected to a depth image) is 2-4 times
-slower than register_depth with the same result; its organised back-projection is no faster
-than backproject; its normal map is somewhat faster than organized_normals but one-sided, and
-its point-cloud normals (nearest neighbours) are 20-100 times slower. Not worth a 400 MB
-dependency.
+Open3D is optional and not used here (README, "RGB-D takes", has the numbers for one 640x480
+frame): its way to register (a point cloud from the depth, moved, projected to a depth image)
+gives the same pixels but takes 2-4 times as long as register_depth; its organised
+back-projection is a little slower than backproject; its normal map is about twice as fast as
+organized_normals but one-sided (forward differences, half a pixel off), and normals are off
+the per-frame path (the fit takes its own at its samples).
+None of that is worth a 400 MB dependency.
 """
 from __future__ import annotations
 
