@@ -184,9 +184,6 @@ class FaceCapture:
         (an actor profile's identity is locked again)."""
         s = self.settings
         self._new_fitter()
-        self.depth_refiner = DepthRefiner(self.basis, self.depth_basis, s.depth)
-        if s.actor is not None:
-            self.depth_refiner.lock(s.actor.identity)
         # eye closure from the lids: the take learns its open eye (a photo has none to learn from)
         self.lid_closure = LidClosure() if s.blink == "lids" and not s.static else None
         self.auto_neutral = None
@@ -203,6 +200,9 @@ class FaceCapture:
     def _new_fitter(self) -> None:
         s = self.settings
         identity = s.actor.identity if s.actor is not None else None  # locked from the first frame
+        self.depth_refiner = DepthRefiner(self.basis, self.depth_basis, s.depth)
+        if identity is not None:
+            self.depth_refiner.lock(identity)
         if self._runtime is not None:  # a photo's identity is its own network output
             self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames, identity,
                                        s.photo_refine_iterations if s.static else s.coarse_refine_iterations)
@@ -287,9 +287,11 @@ class FaceCapture:
         passes = self.settings.photo_passes if self.settings.static and self._runtime is None else 1
         for _ in range(passes):
             fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
-        if depth_mm is not None:
+        if depth_mm is not None:  # timed apart too ("depth"), inside "fit"
+            t_depth = time.perf_counter()
             fit, result.depth_samples, result.depth_residual_mm = self._refine_with_depth(fit, landmarks, K,
                                                                                           depth_mm, pin)
+            timings["depth"] = time.perf_counter() - t_depth
         if not np.array_equal(fit.identity, self._eyes_identity):
             self._update_eyes(fit.identity)
         if self.settings.follow_profiles and not self.settings.static:

@@ -36,9 +36,10 @@ class DepthSettings:
     min_normal_agreement: float = 0.7   # cos between the model's and the depth's normal: else another surface
     normal_step_px: int = 2             # neighbour distance for the depth surface's normal
     iterations: int = 1                 # Gauss-Newton steps per frame
+    solve_expression: bool = False      # refine the expression too (else pose and identity only)
     expression_prior: float = 0.5       # pulls the expression towards the engine's (cm² per unit²)
     identity_frames: int = 10           # frames with depth before the identity locks
-    identity_prior: float = 0.5         # per frame, against identity weights ~ N(0, 1)
+    identity_prior: float = 2.0         # per frame, against identity weights ~ N(0, 1)
     identity_landmark_weight: float = 0.0  # the landmarks' part in the identity solve (0: depth alone)
     identity_rounds: int = 4            # at lock time: refit the identity frames, re-solve the identity
     min_samples: int = 50               # fewer seen samples than this: the frame is left as fitted
@@ -231,14 +232,16 @@ class DepthRefiner:
             return fit, 0, float("nan")
         t = t + shift
         R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, s.iterations,
-                                     lower=lower, upper=upper, extra=extra, expression_target=prior_e)
+                                     lower=lower, upper=upper, extra=extra, expression_target=prior_e,
+                                     solve_expression=s.solve_expression)
         if not self.identity_locked:
             self._kept.append(([lm, K, R, t, e, lower, upper], depth_cm, prior_e))
             identity = self._update_identity(lm, K, R, t, e, identity, depth_cm)
             if self.identity_locked:
                 identity = self.identity = self._settle_identity(identity)
             R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, 1,
-                                         lower=lower, upper=upper, extra=extra, expression_target=prior_e)
+                                         lower=lower, upper=upper, extra=extra, expression_target=prior_e,
+                                     solve_expression=s.solve_expression)
         refined = FitResult(R, t, e, identity.copy(), fit.rms_px)
         residual_mm, seen = depth_residual_mm(self.depth, depth_cm, K, refined, s)
         return refined, seen, residual_mm
@@ -274,7 +277,8 @@ class DepthRefiner:
                     return depth_linearise(self.depth, d, K, R, t, e, identity, s)
                 R, t, e = frame[2:5] = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, 2,
                                                           lower=lower, upper=upper, extra=extra,
-                                                          expression_target=target)
+                                                          expression_target=target,
+                                                          solve_expression=s.solve_expression)
                 r, J = self._identity_equations(lm, K, R, t, e, identity, depth_cm)
                 A += J @ J.T
                 b += J @ J.T @ identity - J @ r
