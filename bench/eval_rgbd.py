@@ -17,9 +17,10 @@
 (b) BIWI's five Kinect frames (../shared/data/rgbd/biwi01), the take run three times over (15
     frames, so the identity locks): median |model - depth| over the face samples the depth
     sees, after the fit with depth and for the colour-only fit of the same frames.
-(c) Time on one core: registration (engine.depth.register_depth) and denoising of a BIWI frame,
-    and the depth refinement per frame (FaceCapture's "depth" timing, part of "fit") beside the
-    colour-only "fit" stage of the same frames.
+(c) Time on one core: registration (engine.depth.register_depth) and the optional smoothing
+    (`--smooth-depth`; off by default, as here) of a BIWI frame, and the depth refinement per
+    frame (FaceCapture's "depth" timing, part of "fit") beside the colour-only "fit" stage of
+    the same frames.
 
 Every figure is a median over frames unless said; p95 beside it.
 
@@ -93,7 +94,7 @@ def ensure_rgbd_clips(cache: Path, n_clips: int, n_frames: int, seed: int, model
 
 def run_modes(capture: FaceCapture, folder: Path):
     """Each frame of one take fitted without and with its depth: ([(colour result, rgbd result)], frames)."""
-    with RGBDFolderSource(folder) as source:
+    with RGBDFolderSource(folder, denoise=False) as source:  # as `capture video` reads it
         frames = list(source)
         K = source.camera_matrix
     out = {}
@@ -143,7 +144,7 @@ def score_clips(capture: FaceCapture, folders: list[Path], model: FaceModel) -> 
 
 def score_biwi(capture: FaceCapture, repeats: int = 3) -> dict:
     """Median |model - depth| (mm) over the face samples, with depth and for the colour-only fit."""
-    with RGBDFolderSource(BIWI) as source:
+    with RGBDFolderSource(BIWI, denoise=False) as source:
         frames = list(source)
         K = source.camera_matrix
     out = {}

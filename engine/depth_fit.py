@@ -8,11 +8,12 @@ Samples the depth cannot see (no data, grazing surface, occluded, or further tha
 from the model) take no part. Residuals are in cm, as the landmark term's (engine.fitting),
 so both sit in one Gauss-Newton system.
 
-DepthRefiner runs that system after either engine's fit: pose and expression move (the
-expression held near the engine's by a prior, so the depth corrects only what it sees),
-and over the first frames with depth the identity is solved from the depth alone (the
-landmarks' own biases, a few mm where MediaPipe's points and the model's disagree, would
-pass into it) and locked, sooner than landmarks alone allow.
+DepthRefiner runs that system after either engine's fit: the head pose moves (the
+expression stays the engine's: refining it against depth and landmarks made the
+blendshapes worse, bench/eval_rgbd.py, DepthSettings.solve_expression), and over the
+first frames with depth the identity is solved from the depth alone (the landmarks' own
+biases, a few mm where MediaPipe's points and the model's disagree, would pass into it)
+and locked, sooner than landmarks alone allow.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.facemodel import FACE_VERTICES, FaceModel
-from engine.rasterizer import vertex_normals
 from engine.fitting import FitResult, FitSettings, LandmarkBasis, gauss_newton_frame, linearise
+from engine.rasterizer import vertex_normals
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ class DepthRefiner:
                 identity = self.identity = self._settle_identity(identity)
             R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, 1,
                                          lower=lower, upper=upper, extra=extra, expression_target=prior_e,
-                                     solve_expression=s.solve_expression)
+                                         solve_expression=s.solve_expression)
         refined = FitResult(R, t, e, identity.copy(), fit.rms_px)
         residual_mm, seen = depth_residual_mm(self.depth, depth_cm, K, refined, s)
         return refined, seen, residual_mm

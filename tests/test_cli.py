@@ -908,7 +908,7 @@ def test_rgbd_take_is_fitted_to_its_depth_and_writes_point_clouds(tmp_path, caps
     assert track["face_found"].all() and len(track["face_found"]) == 5
     assert (track["depth_residual_mm"] < 2.5).all()                      # the issue's BIWI target
     np.testing.assert_allclose(track["camera_matrix"][0], [517.679, 0.0, 320.0])  # the take's colour camera
-    with RGBDFolderSource(BIWI) as source:
+    with RGBDFolderSource(BIWI, denoise=False) as source:  # as `capture video` reads it (no --smooth-depth)
         frames = list(source)
     clouds = sorted((out / "pointclouds").iterdir())
     assert [c.name for c in clouds] == [f"{i:06d}.ply" for i in range(5)]
@@ -930,3 +930,82 @@ def test_point_clouds_need_a_take_with_depth(tmp_path, capsys):
     code, err = _run(["video", D12, "--out", tmp_path / "o", "--save-pointclouds"], capsys)
     _assert_one_line_error(code, err, "--save-pointclouds needs an RGB-D take")
     assert not (tmp_path / "o").exists()
+
+
+class _FakeDepthCamera:
+    """Stands in for capture.sources.RealSenseSource: BIWI's frames (depth registered), paced like a
+    camera, as a live source."""
+
+    live = True
+    fps = 30.0
+    frame_count = None
+
+    def __init__(self, width=640, height=480, fps=30.0, denoise=True):
+        from capture.sources import RGBDFolderSource
+
+        with RGBDFolderSource(BIWI, denoise=False) as source:
+            self.frames = list(source)
+            self.camera_matrix = source.camera_matrix
+            self.size = source.size
+
+    def __iter__(self):
+        import time
+
+        for frame in self.frames:
+            time.sleep(0.2)
+            frame.captured_s = time.perf_counter()
+            yield frame
+
+    def close(self):
+        pass
+
+
+def test_live_depth_camera_is_fitted_with_its_depth_and_recorded(tmp_path, capsys, monkeypatch):
+    import capture.sources
+    from capture.sources import RGBDFolderSource
+
+    monkeypatch.setattr(capture.sources, "RealSenseSource", _FakeDepthCamera)
+    out, rec = tmp_path / "live", tmp_path / "rec"
+    code, err = _run(["live", "--rgbd", "realsense", "--out", out, "--record-rgbd", rec, "--save-pointclouds",
+                      "--quiet"], capsys)
+    assert code == 0, err
+    track = np.load(out / "track.npz")
+    n = len(track["face_found"])
+    assert 1 <= n <= 5 and track["face_found"].all()
+    assert (track["depth_residual_mm"] < 2.5).all()
+    assert len(list((out / "pointclouds").iterdir())) == n
+    assert f"recorded {n} RGB-D frames" in err
+    # the recording is a take `capture video` reads: the same pictures and depth (to the mm)
+    originals = _FakeDepthCamera().frames
+    with RGBDFolderSource(rec, denoise=False) as recorded:
+        frames = list(recorded)
+        np.testing.assert_allclose(recorded.camera_matrix, _FakeDepthCamera().camera_matrix)
+    assert len(frames) == n
+    for frame in frames:
+        match = [o for o in originals if np.array_equal(o.image, frame.image)]
+        assert len(match) == 1
+        assert np.abs(frame.depth_mm - match[0].depth_mm).max() <= 0.5
+
+
+def test_depth_options_need_a_depth_camera(tmp_path, capsys):
+    code, err = _run(["live", "--record-rgbd", tmp_path / "rec"], capsys)
+    _assert_one_line_error(code, err, "--record-rgbd needs a depth camera")
+    code, err = _run(["live", "--save-pointclouds", "--out", tmp_path / "o"], capsys)
+    _assert_one_line_error(code, err, "--save-pointclouds needs a depth camera")
+
+
+def test_smooth_depth_smooths_what_the_take_writes(tmp_path, capsys):
+    import trimesh
+
+    from capture.sources import RGBDFolderSource
+
+    out = tmp_path / "smooth"
+    code, err = _run(["video", BIWI, "--out", out, "--save-pointclouds", "--smooth-depth", "--mesh-format", "none",
+                      "--max-frames", "1", "--quiet"], capsys)
+    assert code == 0, err
+    with RGBDFolderSource(BIWI, denoise=True) as smoothed, RGBDFolderSource(BIWI, denoise=False) as raw:
+        first_smoothed, first_raw = next(iter(smoothed)), next(iter(raw))
+    z = np.sort(trimesh.load(out / "pointclouds" / "000000.ply").vertices[:, 2])
+    np.testing.assert_allclose(z, np.sort(first_smoothed.depth_mm[first_smoothed.depth_mm > 0]) / 10, rtol=1e-6)
+    assert not np.allclose(first_smoothed.depth_mm, first_raw.depth_mm)
+    assert np.isfinite(np.load(out / "track.npz")["depth_residual_mm"]).all()
