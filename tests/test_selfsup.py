@@ -316,3 +316,34 @@ def test_selfsup_loss_on_a_consistent_synthetic_pair(geom):
     for k in ("landmark", "photo", "flow"):
         assert terms_off[k] > 5 * max(terms[k].item(), 1e-4), k
     assert total_off > total
+
+
+# ---------------------------------------------------------------- depth (E_geo)
+
+
+def _sensor_depth(verts, triangles):
+    """(1, S, S) float mm: the mesh's exact depth where it covers a pixel, 0 elsewhere."""
+    frags = rasterize(verts[0].detach().numpy(), triangles.numpy(), K_CROP, S, S, backend="cpu")
+    return torch.from_numpy(np.where(frags.mask, frags.depth_cm * 10.0, 0.0))[None]
+
+
+def test_depth_loss_vanishes_at_the_truth_and_pulls_the_mesh_onto_the_depth(geom):
+    g = _geom64(geom)
+    p = _params()
+    verts, _ = g.camera_points(p["identity"], p["expression"], p["rotation"], p["translation"])
+    depth = _sensor_depth(verts, g.triangles)
+    K = _Kt()
+    assert ss.depth_loss(verts, g.triangles, depth, K).item() < 1e-8      # the rasterizer's own depth
+    # 5 mm too far: a gradient step on the translation alone brings the mesh back to the surface
+    t = (p["translation"] + torch.tensor([0.0, 0.0, 0.5])).clone().requires_grad_(True)
+    optimiser = torch.optim.SGD([t], lr=0.5)
+    for _ in range(30):
+        optimiser.zero_grad()
+        v, _ = g.camera_points(p["identity"], p["expression"], p["rotation"], t)
+        ss.depth_loss(v, g.triangles, depth, K).backward()
+        optimiser.step()
+    assert abs(float(t[0, 2] - p["translation"][0, 2])) < 0.02             # 0.2 mm, from 5 mm
+    # pixels without data or beyond the gate do not count: nothing to pull on, a zero loss
+    assert ss.depth_loss(verts, g.triangles, torch.zeros_like(depth), K).item() == 0.0
+    far = torch.where(depth > 0, depth + 50.0, depth)                       # 5 cm behind
+    assert ss.depth_loss(verts, g.triangles, far, K).item() == 0.0

@@ -12,6 +12,9 @@ decoded prediction. `SelfSupGeometry` restricts the face model to the vertices t
   (lips, brows, eyes, lid margins, mouth, nostril-free forehead above FOREHEAD_CM excluded), one
   tone is what that skin is to first order, and the term does not ask the net for more than it
   outputs. Rendered at `render_px` (64) with the target area-averaged in linear RGB.
+- depth_loss (E_geo, RGB-D frames): the predicted mesh's rendered depth against the sensor's,
+  Huber in cm over the pixels both cover (for fine-tuning on RGB-D takes; trainers.rgbd makes
+  synthetic ones with exact truth).
 - landmark_loss (E_lan): MediaPipe's points against the model's surface points, Charbonnier px.
 - flow_loss (E_flow): projected vertex motion a -> b against the optical flow at a's projections.
 - same_loss (E_same): identity and albedo agree within one video (one person).
@@ -34,7 +37,7 @@ from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FACE_VERTICES, FaceModel, model_vertices_torch
 from engine.gaze import IRIS_LANDMARKS
 from engine.rasterizer import rasterize
-from engine.shading import render, vertex_normals
+from engine.shading import pixel_barycentrics, render, vertex_normals
 from trainers.losses import project_points
 
 #: MediaPipe's face-oval points (FACEMESH_FACE_OVAL): the jaw and forehead contour. On a turned head
@@ -181,6 +184,41 @@ def photometric_loss(vertices_cam: torch.Tensor, triangles: torch.Tensor, albedo
         d2 = ((image - target[i]) ** 2).sum(-1)[m]
         total = total + (torch.sqrt(d2 + eps * eps) - eps).sum()
         count += int(m.sum())
+    return total / max(count, 1)
+
+
+def depth_loss(vertices_cam: torch.Tensor, triangles: torch.Tensor, depth_mm: torch.Tensor, K: torch.Tensor,
+               gate_cm: float = 2.0, huber_cm: float = 0.3) -> torch.Tensor:
+    """E_geo: the rendered depth of the predicted mesh against a sensor's, a Huber mean in cm.
+
+    vertices_cam (B, N, 3) cm; triangles (T, 3) local ids (the surfaces a depth camera sees, e.g.
+    the front face); depth_mm (B, H, W) the sensor depth registered to the image K (B, 3, 3) px
+    describes, 0 = no data. The mesh is rasterized at (H, W) (engine.rasterizer, no gradient) and
+    each covered pixel's depth is the perspective-correct interpolation of its triangle's corner
+    depths (engine.shading.pixel_barycentrics), differentiable in the vertices. Counted pixels:
+    covered, with sensor data, and within gate_cm of it (farther is another surface: hair, a hand,
+    the background through a hole). 0 when no pixel counts.
+    """
+    B, H, W = depth_mm.shape
+    tri = torch.as_tensor(triangles).long()
+    total = vertices_cam.new_zeros(())
+    count = 0
+    for i in range(B):
+        v = vertices_cam[i]
+        frags = rasterize(v.detach().numpy(), tri.numpy(), K[i].detach().numpy(), W, H, backend="cpu")
+        tid = torch.as_tensor(frags.triangle_id).long()
+        ys, xs = torch.nonzero(tid >= 0, as_tuple=True)
+        if len(ys) == 0:
+            continue
+        corners = v[tri[tid[ys, xs]]]                                              # (P, 3, 3)
+        b = pixel_barycentrics(corners, torch.stack([xs, ys], dim=-1), K[i].detach().numpy())
+        z = (b * corners[..., 2]).sum(-1)
+        sensor = depth_mm[i, ys, xs].to(z.dtype) / 10.0
+        ok = (sensor > 0) & ((z.detach() - sensor).abs() < gate_cm)
+        if not ok.any():
+            continue
+        total = total + F.huber_loss(z[ok], sensor[ok], delta=huber_cm, reduction="sum")
+        count += int(ok.sum())
     return total / max(count, 1)
 
 
