@@ -461,7 +461,11 @@ def cmd_live(args) -> int:
 
     def on_result(frame, result):
         if recorder is not None and frame.depth_mm is not None:
-            recorder.write(frame.image, frame.depth_mm)
+            try:
+                recorder.write(frame.image, frame.depth_mm)
+            except OSError as exc:  # the take's files are finished as the error passes run_take
+                raise CaptureError(f"cannot record in {args.record_rgbd}: {reason(exc)}; "
+                                   f"{recorder.count} RGB-D frames recorded") from None
         return preview.show(frame, result) if preview is not None else None
 
     try:

@@ -1009,3 +1009,27 @@ def test_smooth_depth_smooths_what_the_take_writes(tmp_path, capsys):
     np.testing.assert_allclose(z, np.sort(first_smoothed.depth_mm[first_smoothed.depth_mm > 0]) / 10, rtol=1e-6)
     assert not np.allclose(first_smoothed.depth_mm, first_raw.depth_mm)
     assert np.isfinite(np.load(out / "track.npz")["depth_residual_mm"]).all()
+
+
+def test_a_recording_that_cannot_be_written_stops_in_one_line_keeping_the_take(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import capture.sources
+
+    monkeypatch.setattr(capture.sources, "RealSenseSource", _FakeDepthCamera)
+    calls = []
+    real_write = capture.sources.RGBDTakeWriter.write
+
+    def write_then_fill_the_disk(self, rgb, depth):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, rgb, depth)
+
+    monkeypatch.setattr(capture.sources.RGBDTakeWriter, "write", write_then_fill_the_disk)
+    out, rec = tmp_path / "live", tmp_path / "rec"
+    code, err = _run(["live", "--rgbd", "realsense", "--out", out, "--record-rgbd", rec, "--quiet"], capsys)
+    _assert_one_line_error(code, err, "cannot record in", "no space left on the device", "1 RGB-D frames recorded")
+    track = np.load(out / "track.npz")                       # the take so far is finished and readable
+    assert len(track["face_found"]) >= 2 and track["face_found"].all()
+    assert len(list((rec / "rgb").iterdir())) == 1
