@@ -112,6 +112,7 @@ def score_clips(capture: FaceCapture, folders: list[Path], model: FaceModel) -> 
              "fit_ms", "depth_ms", "depth_residual_mm")
     err = {mode: {k: [] for k in names} for mode in ("colour", "rgbd")}
     mean_face = []
+    zero = region.camera(np.zeros(60), np.zeros(model.n_expression), np.eye(3), np.zeros(3))  # the mean face
     for folder in folders:
         gt = dict(np.load(folder / "gt.npz"))
         results, _ = run_modes(capture, folder)
@@ -134,8 +135,6 @@ def score_clips(capture: FaceCapture, folders: list[Path], model: FaceModel) -> 
                     e["depth_ms"].append(1000.0 * r.timings_s["depth"])
                     e["depth_residual_mm"].append(r.depth_residual_mm)
                 if mode == "colour" and i % 5 == 0:
-                    zero = region.camera(np.zeros(len(gt["identity"])), np.zeros(model.n_expression), np.eye(3),
-                                         np.zeros(3))
                     mean_face.append(similarity_aligned_mm(zero, true_v))
     return {"colour": {k: stats(v) for k, v in err["colour"].items()},
             "rgbd": {k: stats(v) for k, v in err["rgbd"].items()},

@@ -163,7 +163,7 @@ class FaceCapture:
         self._eyes_identity = None
         self._follow = None  # () -> where the last fitted face was (capture.tracking.FollowRegion), None after a loss
         self._follow_misses = 0  # frames without a face since that fit
-        self.depth_basis = DepthBasis.build(model, self.basis.identity.shape[0])
+        self.depth_basis = None  # engine.depth_fit's samples, built with the first frame that has depth
         self._warm_up()
         self.reset()
 
@@ -200,9 +200,7 @@ class FaceCapture:
     def _new_fitter(self) -> None:
         s = self.settings
         identity = s.actor.identity if s.actor is not None else None  # locked from the first frame
-        self.depth_refiner = DepthRefiner(self.basis, self.depth_basis, s.depth)
-        if identity is not None:
-            self.depth_refiner.lock(identity)
+        self.depth_refiner = None  # made by the first frame with depth (_refine_with_depth)
         if self._runtime is not None:  # a photo's identity is its own network output
             self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames, identity,
                                        s.photo_refine_iterations if s.static else s.coarse_refine_iterations)
@@ -281,6 +279,7 @@ class FaceCapture:
             pinned = {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
             if blink is not None:
                 pinned.update(zip(self._blink, blink))
+            gaze["pinned"] = pinned.keys()
             return pinned
 
         # on a photo, the optimiser alternates identity and expression over the passes; the network needs one
@@ -290,7 +289,7 @@ class FaceCapture:
         if depth_mm is not None:  # timed apart too ("depth"), inside "fit"
             t_depth = time.perf_counter()
             fit, result.depth_samples, result.depth_residual_mm = self._refine_with_depth(fit, landmarks, K,
-                                                                                          depth_mm, pin)
+                                                                                          depth_mm, pin, gaze["pinned"])
             timings["depth"] = time.perf_counter() - t_depth
         if not np.array_equal(fit.identity, self._eyes_identity):
             self._update_eyes(fit.identity)
@@ -323,10 +322,20 @@ class FaceCapture:
         timings["filter"] = time.perf_counter() - t2
         return result
 
-    def _refine_with_depth(self, fit: FitResult, landmarks: np.ndarray, K: np.ndarray, depth_mm: np.ndarray, pin):
-        """The fit refined against the frame's depth, gaze and blink pinned again at the refined pose;
-        once the depth has locked an identity, the fitter keeps it for the rest of the take."""
-        pinned = pin(fit.rotation, fit.translation)
+    def _refine_with_depth(self, fit: FitResult, landmarks: np.ndarray, K: np.ndarray, depth_mm: np.ndarray, pin,
+                           pinned_indices):
+        """The fit refined against the frame's depth (the weights the fit pinned, pinned_indices,
+        held at its values), gaze and blink pinned again at the refined pose; once the depth has
+        locked an identity, the fitter keeps it for the rest of the take. The depth refiner (and
+        its samples, ~20 ms to build) is made on the first frame with depth: colour takes never
+        pay for it."""
+        if self.depth_refiner is None:
+            if self.depth_basis is None:
+                self.depth_basis = DepthBasis.build(self.model, self.basis.identity.shape[0])
+            self.depth_refiner = DepthRefiner(self.basis, self.depth_basis, self.settings.depth)
+            if self.settings.actor is not None:
+                self.depth_refiner.lock(self.settings.actor.identity)
+        pinned = {i: fit.expression[i] for i in pinned_indices}
         refined, seen, residual_mm = self.depth_refiner.refine(fit, landmarks, K, depth_mm, pinned)
         if not seen:
             return fit, 0, residual_mm

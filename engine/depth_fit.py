@@ -23,6 +23,7 @@ import numpy as np
 
 from engine.facemodel import FACE_VERTICES, FaceModel
 from engine.fitting import FitResult, FitSettings, LandmarkBasis, gauss_newton_frame, linearise
+from engine.pose import project
 from engine.rasterizer import vertex_normals
 
 
@@ -117,8 +118,7 @@ def depth_linearise(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, R: 
     p = b.points(identity, expression)
     RP = p @ R.T
     X = RP + t
-    uv = np.stack([K[0, 0] * X[:, 0] / X[:, 2] + K[0, 2], K[1, 1] * X[:, 1] / X[:, 2] + K[1, 2]], axis=1)
-    P, n, ok = depth_at(depth_cm, K, uv, settings.normal_step_px)
+    P, n, ok = depth_at(depth_cm, K, project(X, K), settings.normal_step_px)
     r = np.einsum("ij,ij->i", n, X - P)
     ok &= _seen(dbasis, R, X, n, r, settings)
     idx = np.flatnonzero(ok)
@@ -161,8 +161,7 @@ def depth_shift_cm(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, R: n
     point-to-plane term needs to start within its gate."""
     X = dbasis.basis.points(identity, expression) @ R.T + t
     H, W = depth_cm.shape
-    u = np.rint(K[0, 0] * X[:, 0] / X[:, 2] + K[0, 2]).astype(np.int64)
-    v = np.rint(K[1, 1] * X[:, 1] / X[:, 2] + K[1, 2]).astype(np.int64)
+    u, v = np.rint(project(X, K)).astype(np.int64).T
     inside = (u >= 0) & (u < W) & (v >= 0) & (v < H) & (X[:, 2] > 0)
     z = depth_cm[v[inside], u[inside]]
     seen = z > 0
@@ -177,8 +176,7 @@ def depth_residual_mm(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, f
                       settings: DepthSettings) -> tuple[float, int]:
     """Median |model − depth| (mm, point to plane) over the samples the depth sees, and their count."""
     p = dbasis.basis.points(fit.identity, fit.expression) @ fit.rotation.T + fit.translation
-    uv = np.stack([K[0, 0] * p[:, 0] / p[:, 2] + K[0, 2], K[1, 1] * p[:, 1] / p[:, 2] + K[1, 2]], axis=1)
-    P, n, ok = depth_at(depth_cm, K, uv, settings.normal_step_px)
+    P, n, ok = depth_at(depth_cm, K, project(p, K), settings.normal_step_px)
     r = np.abs(np.einsum("ij,ij->i", n, p - P))
     ok &= _seen(dbasis, fit.rotation, p, n, r, settings)
     return (float(np.median(r[ok]) * 10.0) if ok.any() else float("nan")), int(ok.sum())
@@ -187,7 +185,8 @@ def depth_residual_mm(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, f
 @dataclass
 class DepthRefiner:
     """Refines each fitted frame against its depth image; over the first frames with depth it
-    solves the identity from landmarks and depth together, then locks it."""
+    solves the identity (from the depth; landmarks at settings.identity_landmark_weight), then
+    locks it."""
 
     landmarks: LandmarkBasis
     depth: DepthBasis
