@@ -13,7 +13,8 @@ Per band of the true |yaw| (degrees) and over all frames, for each setting:
     kept %          frames with a face in the output (the rest are dropped: no CSV row, no mesh)
     yaw err         |fitted head yaw - true yaw|, degrees, median and p95 over the kept frames
     head err        geodesic angle between fitted and true head rotation, degrees, median and p95
-    confidence      track.npz's per-frame confidence (1: FaceMesh's own, <= 0.5: followed), median
+    confidence      track.npz's per-frame confidence (1: FaceMesh's own, <= 0.5: followed, 0.05: fitted from
+                    the picture alone), median; "followed" counts frames under 1, "picture" the last kind
 and per setting the longest run of frames without a face, and the landmark stage's time (ms, median and
 p95) on frames found by FaceMesh and on followed frames.
 
@@ -66,7 +67,7 @@ def longest_loss(found: np.ndarray) -> int:
 
 def score(takes: list, gts: list) -> dict:
     """Per band and overall: kept share, yaw and head errors, confidence; the longest loss; landmark ms."""
-    rows = []  # (true |yaw| deg, found, yaw err deg, head err deg, confidence, mode followed, landmarks ms)
+    rows = []  # (true |yaw| deg, found, yaw err deg, head err deg, confidence, followed, landmarks ms, from picture)
     longest = 0
     for take, gt in zip(takes, gts):
         found = np.array([r.face_found for _, r, _ in take])
@@ -78,7 +79,8 @@ def score(takes: list, gts: list) -> dict:
                 yaw_err = abs(float(np.degrees(r.head_ypr_rad[0])) - true_yaw)
                 head_err = geodesic_deg(np.asarray(r.rotation), gt["rotation"][index])
             rows.append((abs(true_yaw), r.face_found, yaw_err, head_err, r.confidence if r.face_found else np.nan,
-                         r.face_found and r.confidence < 1.0, 1e3 * r.timings_s.get("landmarks", np.nan)))
+                         r.face_found and r.confidence < 1.0, 1e3 * r.timings_s.get("landmarks", np.nan),
+                         r.from_picture))
     a = np.array(rows, np.float64)
     out = {"bands": {}, "longest_loss_frames": longest, "frames": len(a)}
     for lo, hi in (*BANDS, (0.0, 90.0)):
@@ -88,7 +90,8 @@ def score(takes: list, gts: list) -> dict:
             "frames": len(sel), "kept_percent": 100.0 * len(kept) / max(len(sel), 1),
             "yaw_err_median": pct(kept[:, 2], 50), "yaw_err_p95": pct(kept[:, 2], 95),
             "head_err_median": pct(kept[:, 3], 50), "head_err_p95": pct(kept[:, 3], 95),
-            "confidence_median": pct(kept[:, 4], 50), "followed": int(kept[:, 5].sum())}
+            "confidence_median": pct(kept[:, 4], 50), "followed": int(kept[:, 5].sum()),
+            "from_picture": int(kept[:, 7].sum())}
     found = a[a[:, 1] > 0]
     own, followed = found[found[:, 5] == 0], found[found[:, 5] > 0]
     out["landmarks_ms"] = {"facemesh": [pct(own[:, 6], 50), pct(own[:, 6], 95)],
@@ -100,13 +103,13 @@ def print_report(res: dict) -> None:
     print(f"\nprofile views: {res['clips']} clips x {res['frames_per_clip']} frames (seed {res['seed']}), "
           f"engine {res['engine']}; errors over kept frames, degrees")
     print(f"{'|yaw| band':<11}{'frames':>7}  {'setting':<9}{'kept %':>7}{'yaw err med':>12}{'p95':>7}"
-          f"{'head err med':>13}{'p95':>7}{'conf med':>9}{'followed':>9}")
+          f"{'head err med':>13}{'p95':>7}{'conf med':>9}{'followed':>9}{'picture':>8}")
     for band in res["settings"]["before"]["bands"]:
         for name, s in res["settings"].items():
             b = s["bands"][band]
             print(f"{band:<11}{b['frames']:>7}  {name:<9}{b['kept_percent']:>7.1f}{b['yaw_err_median']:>12.2f}"
                   f"{b['yaw_err_p95']:>7.2f}{b['head_err_median']:>13.2f}{b['head_err_p95']:>7.2f}"
-                  f"{b['confidence_median']:>9.3f}{b['followed']:>9d}")
+                  f"{b['confidence_median']:>9.3f}{b['followed']:>9d}{b.get('from_picture', 0):>8d}")
     for name, s in res["settings"].items():
         ms = s["landmarks_ms"]
         print(f"{name}: longest run without a face {s['longest_loss_frames']} frames; landmark stage ms "

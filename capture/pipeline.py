@@ -27,7 +27,8 @@ from capture.sinks import BackgroundMeshWriter, LiveLinkCsvWriter, MeshSequenceW
 from capture.sources import Frame, FrameReader, FrameSource
 from capture.streams import StreamHub, stream_frame
 from capture.take_folder import POINTCLOUD_FOLDER, OutputError, cut_back, reason
-from capture.tracking import FOLLOW_PATIENCE_FRAMES, FaceTracker, follow_region
+from capture.tracking import (FOLLOW_CONFIDENCE, FOLLOW_MIN_PRESENCE, FOLLOW_PATIENCE_FRAMES, FaceTracker,
+                              follow_region)
 from engine.arkit import arkit_from_model
 from engine.calibration import ActorProfile, AutoNeutral
 from engine.coarse_fitting import CoarseFitter, open_runtime
@@ -45,11 +46,24 @@ from engine.pose import (FRONTAL, default_camera_matrix, head_rotation, project,
                          yaw_pitch_roll)
 
 STAGES = ("decode", "landmarks", "fit", "filter", "stream", "write")  # "fit": whichever engine runs
+#: A face the tracker cannot follow any more is fitted from the picture alone while it stays turned at
+#: least this far from the camera (degrees of yaw), in the previous fit and in its own.
+PICTURE_MIN_YAW_DEG = 45.0
+#: ... and while at least this share of its landmark points lies inside the picture.
+PICTURE_MIN_INSIDE = 0.5
+#: The confidence of a frame fitted from the picture alone: the lowest a followed frame reads
+#: (capture.tracking: FOLLOW_CONFIDENCE times FOLLOW_MIN_PRESENCE).
+PICTURE_CONFIDENCE = FOLLOW_CONFIDENCE * FOLLOW_MIN_PRESENCE
 ENGINES = ("coarse", "fit")
 #: Where eyeBlink comes from: MediaPipe's lid gap against the take's open eye (engine.gaze.LidClosure;
 #: videos, the default), the eye-state net on each eye's pixels (sees the winks MediaPipe's lids miss,
 #: but reads real open eyes as 0.15-0.25 shut), or the engine's fitted weights.
 BLINK_SOURCES = ("lids", "eyes", "fit")
+
+
+def fitted_yaw_deg(fit: FitResult) -> float:
+    """The fitted head's yaw, degrees (engine.pose.yaw_pitch_roll)."""
+    return float(np.degrees(yaw_pitch_roll(head_rotation(fit.rotation))[0]))
 
 
 @dataclass
@@ -108,6 +122,7 @@ class FrameResult:
     camera_matrix: np.ndarray
     image_size: tuple[int, int]
     confidence: float = 0.0  # the tracker's (FaceTracker.confidence): 1 FaceMesh's own, <= 0.5 followed, 0 no face
+    from_picture: bool = False  # fitted from the picture alone (no landmarks; confidence PICTURE_CONFIDENCE)
     decoded: bool = True     # False: the source could not decode this frame (nothing was tracked)
     landmarks: np.ndarray | None = None
     rotation: np.ndarray | None = None
@@ -162,6 +177,8 @@ class FaceCapture:
         self.eyes = None
         self._eyes_identity = None
         self._follow = None  # () -> where the last fitted face was (capture.tracking.FollowRegion), None after a loss
+        self._follow_fit = None  # that fit (FitResult)
+        self._tracked_px = None  # (N, 2) the tracker's last landmarks, px (where a picture fit crops)
         self._follow_misses = 0  # frames without a face since that fit
         self.depth_basis = None  # engine.depth_fit's samples, built with the first frame that has depth
         self._warm_up()
@@ -194,7 +211,7 @@ class FaceCapture:
         self._pose_filter = OneEuroFilter(s.pose_cutoff_hz, np.r_[np.full(3, s.rotation_beta),
                                                                   np.full(3, s.translation_beta)])
         self.tracker.reset()
-        self._follow = None
+        self._follow = self._follow_fit = self._tracked_px = None
         self._update_eyes(self.fitter.identity)
 
     def _new_fitter(self) -> None:
@@ -250,51 +267,38 @@ class FaceCapture:
             self._new_fitter()
             self._update_eyes(self.fitter.identity)
         follow = self._follow if self.settings.follow_profiles and not self.settings.static else None
-        landmarks = self.tracker.track(image, follow)
+        # a face lost while turned is fitted from the picture: MediaPipe's landmarks for a profile are
+        # guesses (bench/eval_profile.py: its followed landmarks put the yaw 30-90 degrees off)
+        turned = follow is not None and self._turned(self._follow_fit)
+        landmarks = self.tracker.track(image, None if turned else follow)
         t1 = time.perf_counter()
         timings["landmarks"] = t1 - t0
-        result = FrameResult(index, time_s, landmarks is not None, K, (w, h), self.tracker.confidence,
-                             timings_s=timings)
-        if landmarks is None:
+        fit = self._fit_from_picture(image, K) if landmarks is None and turned else None
+        result = FrameResult(index, time_s, landmarks is not None or fit is not None, K, (w, h),
+                             self.tracker.confidence if fit is None else PICTURE_CONFIDENCE,
+                             from_picture=fit is not None, timings_s=timings)
+        if not result.face_found:
             self._follow_misses += 1
             if self._follow_misses > FOLLOW_PATIENCE_FRAMES:
-                self._follow = None
+                self._follow = self._follow_fit = self._tracked_px = None
             self.fitter.lose_track()
             self._expression_filter.reset()
             self._calibrated_filter.reset()
             self._pose_filter.reset()
             timings["fit"] = timings["filter"] = 0.0
             return result
-        gaze = {}
-
-        apertures = np.array([lid_aperture(landmarks, i) for i in self.eyes.iris_landmark])
-        visible = np.array([[gaze_visibility(a)] for a in apertures])
-        if self.eye_closure is not None:
-            blink = self.eye_closure(image, landmarks)
+        gaze = {"angles": np.zeros((2, 2))}
+        if fit is not None:  # from the picture alone: the fit's own landmarks stand in for the tracker's
+            landmarks = np.zeros((len(self._tracked_px), 3))
+            landmarks[:, :2] = self._fitted_landmarks_px(fit, K)
         else:
-            blink = self.lid_closure(apertures) if self.lid_closure is not None else None
-
-        def pin(R, t):
-            gaze["angles"] = gaze_angles(self.eyes, landmarks, R, t, K) * visible
-            pinned = {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
-            if blink is not None:
-                pinned.update(zip(self._blink, blink))
-            gaze["pinned"] = pinned.keys()
-            return pinned
-
-        # on a photo, the optimiser alternates identity and expression over the passes; the network needs one
-        passes = self.settings.photo_passes if self.settings.static and self._runtime is None else 1
-        for _ in range(passes):
-            fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
-        if depth_mm is not None:  # timed apart too ("depth"), inside "fit"
-            t_depth = time.perf_counter()
-            fit, result.depth_samples, result.depth_residual_mm = self._refine_with_depth(fit, landmarks, K,
-                                                                                          depth_mm, pin, gaze["pinned"])
-            timings["depth"] = time.perf_counter() - t_depth
+            self._tracked_px = landmarks[:, :2]
+            fit = self._fit_landmarks(image, landmarks, K, depth_mm, gaze, result)
         if not np.array_equal(fit.identity, self._eyes_identity):
             self._update_eyes(fit.identity)
         if self.settings.follow_profiles and not self.settings.static:
             # made only if the next frames lose the face: FaceMesh finds it in almost every frame
+            self._follow_fit = fit
             self._follow = lambda: follow_region(self.basis.points(fit.identity, fit.expression), fit.rotation,
                                                  fit.translation, K)
             self._follow_misses = 0
@@ -321,6 +325,66 @@ class FaceCapture:
         result.rms_px = fit.rms_px
         timings["filter"] = time.perf_counter() - t2
         return result
+
+    def _fit_landmarks(self, image: np.ndarray, landmarks: np.ndarray, K: np.ndarray, depth_mm: np.ndarray | None,
+                       gaze: dict, result: FrameResult) -> FitResult:
+        """The engine's fit of a frame with landmarks: gaze and blink pinned at the fitted pose (their
+        angles left in gaze["angles"]), refined against the depth when the frame has it."""
+        apertures = np.array([lid_aperture(landmarks, i) for i in self.eyes.iris_landmark])
+        visible = np.array([[gaze_visibility(a)] for a in apertures])
+        if self.eye_closure is not None:
+            blink = self.eye_closure(image, landmarks)
+        else:
+            blink = self.lid_closure(apertures) if self.lid_closure is not None else None
+
+        def pin(R, t):
+            gaze["angles"] = gaze_angles(self.eyes, landmarks, R, t, K) * visible
+            pinned = {self._look[n]: v for n, v in eye_look_weights(gaze["angles"]).items()}
+            if blink is not None:
+                pinned.update(zip(self._blink, blink))
+            gaze["pinned"] = pinned.keys()
+            return pinned
+
+        # on a photo, the optimiser alternates identity and expression over the passes; the network needs one
+        passes = self.settings.photo_passes if self.settings.static and self._runtime is None else 1
+        for _ in range(passes):
+            fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
+        if depth_mm is not None:  # timed apart too ("depth"), inside "fit"
+            t_depth = time.perf_counter()
+            fit, result.depth_samples, result.depth_residual_mm = self._refine_with_depth(fit, landmarks, K,
+                                                                                          depth_mm, pin, gaze["pinned"])
+            result.timings_s["depth"] = time.perf_counter() - t_depth
+        return fit
+
+    def _turned(self, fit: FitResult | None) -> bool:
+        """Whether a lost face with this fit is one to fit from the picture (CoarseNet only)."""
+        return self._runtime is not None and fit is not None and abs(fitted_yaw_deg(fit)) >= PICTURE_MIN_YAW_DEG
+
+    def _fitted_landmarks_px(self, fit: FitResult, K: np.ndarray) -> np.ndarray:
+        """(N, 2) px: where the fit puts the tracker's landmark points."""
+        return project(self.basis.points(fit.identity, fit.expression) @ fit.rotation.T + fit.translation, K)
+
+    def _fit_from_picture(self, image: np.ndarray, K: np.ndarray) -> FitResult | None:
+        """A face turned past what the tracker follows, fitted by CoarseNet from the picture alone
+        (engine.coarse_fitting.CoarseFitter.fit_from_picture), cropped where the tracker's landmarks
+        last were (a crop made from the previous picture fit drifts: bench/eval_profile.py's clips
+        read the yaw 68-81 degrees off that way, 3-10 from the last landmarks' box).
+        Only while the face stays turned: the previous fit and this one both at least
+        PICTURE_MIN_YAW_DEG from the camera (a face nearer frontal that the tracker misses is not
+        a profile: occluded, or gone), and most of it inside the picture. None otherwise, and with
+        the optimiser (it needs landmarks)."""
+        last = self._follow_fit
+        if not self._turned(last):
+            return None
+        fit = self.fitter.fit_from_picture(image, self._tracked_px, K)
+        if not self._turned(fit):
+            return None
+        h, w = image.shape[:2]
+        uv = self._fitted_landmarks_px(fit, K)
+        inside = (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
+        if fit.translation[2] <= 0 or inside.mean() < PICTURE_MIN_INSIDE:
+            return None
+        return fit
 
     def _refine_with_depth(self, fit: FitResult, landmarks: np.ndarray, K: np.ndarray, depth_mm: np.ndarray, pin,
                            pinned_indices):

@@ -15,9 +15,9 @@ more a little towards where the face looks (its presence score swings with
 small changes of the region there). The best presence score, kept when it
 is at least FOLLOW_MIN_PRESENCE, makes the frame's confidence: half of it,
 so a followed frame never reads above 0.5, where FaceMesh's own are 1. Such
-frames are past what FaceMesh trusts, and past the yaw the face engine was
-trained on (60 degrees): the face is there, its pose is a rough one (the yaw
-reads low, bench/eval_profile.py).
+frames are past what FaceMesh trusts. A face lost while turned 45 degrees or
+more is not followed here at all: its landmarks would be guesses, and
+capture.pipeline fits it from the picture alone (bench/eval_profile.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from engine.landmarks import MediaPipeFaceDetector, MediaPipeLandmarker, MediaPipeRoiLandmarker
+from engine.landmarks import ROI_MIN_PRESENCE, MediaPipeFaceDetector, MediaPipeLandmarker, MediaPipeRoiLandmarker
 from engine.pose import project
 
 CROP_SIZE_PX = 256
@@ -39,7 +39,7 @@ HANDOVER_SPAN_PX = 150.0
 FACEMESH_MIN_PRESENCE = 0.5
 #: A face followed from the previous fit is kept while FaceMesh's landmark model gives it at least this
 #: face-presence score (on a picture without a face it reads < 0.01).
-FOLLOW_MIN_PRESENCE = 0.1
+FOLLOW_MIN_PRESENCE = ROI_MIN_PRESENCE
 #: FaceMesh's own region: its landmarks' box, the longer side times this (FaceLandmarkLandmarksToRoi).
 FOLLOW_SCALE = 1.5
 #: Past this yaw (degrees) only the half of the model turned towards the camera makes the region.

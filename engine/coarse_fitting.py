@@ -18,14 +18,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine.crop import apply_affine, crop_box, crop_camera, crop_image, crop_transform
+from engine.crop import apply_affine, crop_box, crop_camera, crop_image, crop_transform, unknown_landmarks_px
 from engine.fitting import (FitResult, FitSettings, LandmarkBasis, gauss_newton_frame, landmark_rms_px,
                             locked_identity)
+from engine.pose import head_rotation, yaw_pitch_roll
 
 if TYPE_CHECKING:  # engine.runtime loads torch (about a second): only when a runtime is opened
     from engine.runtime import CoarseRuntime
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: The landmark pose refinement is skipped for a head the network sees turned this far (yaw, degrees).
+REFINE_MAX_YAW_DEG = 45.0
 #: The runtimes CoarseFitter can run on, and the weights file each reads by default.
 DEFAULT_WEIGHTS = {"onnx": WEIGHTS_DIR / "coarsenet.onnx", "torch": WEIGHTS_DIR / "coarsenet.pt"}
 
@@ -71,7 +74,10 @@ class CoarseFitter:
     refine_iterations: Gauss-Newton steps on the head pose alone (engine.fitting, expression and
     identity held at the network's) against the tracked landmarks after the network's pass;
     0 leaves the network's pose. The network places the head from a 128 px crop; the landmarks
-    pin it better (bench/eval_accuracy.py).
+    pin it better (bench/eval_accuracy.py), but not a head the network sees turned
+    REFINE_MAX_YAW_DEG or more: MediaPipe squashes a turned face's hidden half onto the visible
+    one, and the refined yaw reads low (bench/eval_profile.py: 19 degrees off at 65-75, the
+    network's own 10).
     """
 
     def __init__(self, basis: LandmarkBasis, runtime: CoarseRuntime, identity_frames: int = 40,
@@ -96,8 +102,8 @@ class CoarseFitter:
         from engine.runtime import nominal_crop_camera
 
         S = self.runtime.input_size
-        centre = np.full((1, self.runtime.n_landmarks, 2), (S - 1) / 2.0, np.float32)
-        self.runtime.run(np.zeros((1, S, S, 3), np.uint8), nominal_crop_camera(S)[None], centre)
+        unknown = unknown_landmarks_px(self.runtime.n_landmarks, S)[None] if self.runtime.n_landmarks else None
+        self.runtime.run(np.zeros((1, S, S, 3), np.uint8), nominal_crop_camera(S)[None], unknown)
 
     def predict(self, image: np.ndarray, landmarks_px: np.ndarray, K: np.ndarray) -> dict[str, np.ndarray]:
         """The network's raw outputs (batch of one removed) for the face at landmarks_px in image
@@ -108,6 +114,22 @@ class CoarseFitter:
         out = self.runtime.run(crop[None], crop_camera(K, A)[None].astype(np.float32),
                                apply_affine(A, landmarks_px)[None].astype(np.float32))
         return {name: value[0] for name, value in out.items()}
+
+    def fit_from_picture(self, image: np.ndarray, points_px: np.ndarray, K: np.ndarray) -> FitResult:
+        """Fit a frame without landmarks: the crop made from points_px (N, 2), where the face's
+        landmarks are expected (the previous fit's, projected), and the net reads no landmarks
+        (engine.crop.unknown_landmarks_px). For a face turned past what MediaPipe tracks; nets
+        trained without landmark dropout were never shown such input (stage 4 is). The identity
+        is the take's, never updated from such a frame; rms_px is nan (nothing to measure it on)."""
+        S = self.runtime.input_size
+        A = crop_transform(crop_box(np.asarray(points_px, np.float64)), S)
+        crop = crop_image(np.ascontiguousarray(image), A, S)
+        unknown = unknown_landmarks_px(self.runtime.n_landmarks, S)[None] if self.runtime.n_landmarks else None
+        out = {name: value[0] for name, value in
+               self.runtime.run(crop[None], crop_camera(K, A)[None].astype(np.float32), unknown).items()}
+        e = np.clip(out["expression"].astype(np.float64), 0.0, 1.0)
+        return FitResult(out["rotation"].astype(np.float64), out["translation"].astype(np.float64), e,
+                         self.identity.copy(), float("nan"))
 
     def fit(self, landmarks_px: np.ndarray, K: np.ndarray, pin=None, image: np.ndarray | None = None) -> FitResult:
         """Fit one frame: image (H, W, 3) uint8 RGB, its (N, 2+) landmarks px, camera matrix K.
@@ -130,7 +152,7 @@ class CoarseFitter:
             n = self._frames_for_identity = self._frames_for_identity + 1
             self.identity = self.identity + (out["identity"].astype(np.float64) - self.identity) / n
             self.identity_locked = n >= self.identity_frames
-        if self.refine_iterations:
+        if self.refine_iterations and abs(np.degrees(yaw_pitch_roll(head_rotation(R))[0])) < REFINE_MAX_YAW_DEG:
             R, t, _ = gauss_newton_frame(self.basis, landmarks_px[:, :2], K, R, t, e, self.identity, self._settings,
                                          self.refine_iterations, solve_expression=False)
         if pin is not None:

@@ -27,6 +27,13 @@ CROP_PX = 128
 BORDER_VALUE = 0
 
 
+def unknown_landmarks_px(n_landmarks: int, out_px: int = CROP_PX) -> np.ndarray:
+    """(n_landmarks, 2) float32 crop px: the landmark input of a crop whose landmarks are unknown,
+    every point at the crop centre (0 once CoarseNet normalises it). Nets trained with landmark
+    dropout (trainers.train_coarse, [train] landmark_dropout) read the face from the picture alone then."""
+    return np.full((n_landmarks, 2), (out_px - 1.0) / 2.0, np.float32)
+
+
 def crop_box(landmarks_px: np.ndarray, margin: float = CROP_MARGIN) -> np.ndarray:
     """Square box (3,) [centre x, centre y, side] px around landmarks (N, 2+) px.
 

@@ -77,6 +77,10 @@ class MediaPipeLandmarker:
 
 #: FaceMesh's landmark stage alone (MediaPipe's FaceLandmarkCpu subgraph, attention model, 478 points)
 #: on a region given by the caller, with its face-presence score as an output instead of a gate.
+#: MediaPipeRoiLandmarker's landmarks are used where its face-presence score is at least this (on a
+#: picture without a face it reads < 0.01); the run time's follower and the training data's both.
+ROI_MIN_PRESENCE = 0.1
+
 _ROI_LANDMARK_GRAPH = """
 input_stream: "image"
 input_stream: "roi"

@@ -450,7 +450,7 @@ def test_calibrate_writes_a_profile_and_says_what_it_found(d18_takes, names):
     assert profile.frames == D18_FRAMES // 2 and profile.source == "d18.mp4" and profile.name == "d18"
     assert (profile.peak == 1.0).all()  # no --extremes on a video by default
     blink = profile.neutral[names.index("eyeBlink_L")]
-    assert 0.05 < blink < 0.4  # the false activation calibration exists for
+    assert 0.02 < blink < 0.4  # the false activation calibration exists for (stage-4 weights: 0.034)
     assert f"on {D18_FRAMES // 2} frames with a face (neutral: median of {D18_FRAMES // 8})" in err
     assert "largest neutral offsets: eyeBlink" in err and f"-> {path}" in err
 
@@ -471,10 +471,11 @@ def test_a_profile_from_one_part_of_a_take_calibrates_all_of_it(d18_takes, names
     shapes = {mode: t["blendshapes"][:, ~ARKIT_LOOK] for mode, t in tracks.items()}
     assert shapes["profile"][quiet].max() < 0.1, shapes["profile"][quiet].max(axis=0).round(2)
     # a false activation: over FALSE on a quiet frame (CoarseNet's stage-3 weights rest far lower on
-    # d18 than the stage-2 ones, whose test counted those over 0.1; none are left at 0.1)
+    # d18 than the stage-2 ones, whose test counted those over 0.1; none are left at 0.1; the stage-4
+    # weights leave 17 raw, where stage 3 left more than 20)
     false_raw = int((shapes["off"][quiet] > FALSE).sum())
     false_calibrated = int((shapes["profile"][quiet] > FALSE).sum())
-    assert false_raw > 20 and false_calibrated < false_raw / 4, (false_raw, false_calibrated)
+    assert false_raw > 10 and false_calibrated < false_raw / 4, (false_raw, false_calibrated)
     np.testing.assert_allclose(calibrated["identity_per_frame"], np.tile(profile.identity, (D18_FRAMES, 1)),
                                atol=1e-6)
     np.testing.assert_allclose(calibrated["expression"][:, ~look], raw["expression"][:, ~look], atol=1e-5)
@@ -559,5 +560,5 @@ def test_blinks_from_the_lids_rest_on_a_quiet_face(d18_takes, names):
     look = gaze_shapes(names)
     quiet = np.argsort(fit["expression"][:, ~look].sum(axis=1))[:D18_FRAMES // 4]
     blinks = [ARKIT_NAMES.index(n) for n in ("eyeBlinkLeft", "eyeBlinkRight")]
-    assert np.median(fit["blendshapes"][quiet][:, blinks]) > 0.05          # the false activation
+    assert np.median(fit["blendshapes"][quiet][:, blinks]) > 0.03          # the false activation (0.039)
     assert np.median(lids["blendshapes"][quiet][:, blinks]) < 0.02

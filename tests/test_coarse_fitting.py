@@ -210,3 +210,29 @@ def test_pose_refinement_moves_only_the_pose_towards_the_landmarks(runtimes, bas
 def test_the_weights_file_picks_the_runtime():
     assert runtime_for(None) == "onnx" and runtime_for(DEFAULT_WEIGHTS["onnx"]) == "onnx"
     assert runtime_for("runs/x/coarsenet.pt") == "torch" and runtime_for(Path("a.pt")) == "torch"
+
+
+def test_fit_from_picture_reads_no_landmarks_and_keeps_the_identity(runtimes, basis, d3):
+    """A frame without landmarks: the crop from the given points, the net's landmark input all at
+    the crop centre (engine.crop.unknown_landmarks_px); pose and expression are the net's for that
+    input, the identity the take's (not averaged in), rms nan."""
+    from engine.crop import apply_affine, crop_box, crop_camera, crop_image, crop_transform, unknown_landmarks_px
+
+    frames, landmarks, K = d3
+    runtime = runtimes["random"]
+    fitter = CoarseFitter(basis, runtime, identity_frames=10)
+    fitter.fit(landmarks[0], K, image=frames[0])
+    identity = fitter.identity.copy()
+    result = fitter.fit_from_picture(frames[1], landmarks[1][:, :2], K)
+    np.testing.assert_array_equal(result.identity, identity)
+    np.testing.assert_array_equal(fitter.identity, identity)
+    assert np.isnan(result.rms_px) and fitter._frames_for_identity == 1
+    S = runtime.input_size
+    A = crop_transform(crop_box(landmarks[1][:, :2]), S)
+    own = runtime.run(crop_image(frames[1], A, S)[None], crop_camera(K, A)[None].astype(np.float32),
+                      unknown_landmarks_px(runtime.n_landmarks, S)[None])
+    np.testing.assert_allclose(result.rotation, own["rotation"][0], atol=1e-6)
+    np.testing.assert_allclose(result.expression, np.clip(own["expression"][0], 0, 1), atol=1e-6)
+    tracked = fitter.predict(frames[1], landmarks[1], K)   # the landmarks do move this net's output
+    assert np.abs(tracked["rotation"] - own["rotation"][0]).max() > 1e-3
+    assert np.allclose(apply_affine(A, landmarks[1][:, :2]).mean(axis=0), (S - 1) / 2, atol=0.1 * S)

@@ -336,3 +336,53 @@ def test_tracked_landmarks_are_mediapipes_on_the_crop(clean_samples, tmp_path):
     shard = syn.read_shard(tmp_path / "shard-00000.npz")
     assert shard["tracked"].all()
     assert np.allclose(shard["tracked_landmarks"], np.stack([t["tracked_landmarks"] for t in tracked]), atol=1e-3)
+
+
+def test_yaw_limit_and_uniform_share_shape_the_poses():
+    """SynthesisConfig.yaw_deg / yaw_uniform_share (--yaw-deg, --yaw-uniform): the default keeps yaw
+    within 60 degrees, mostly near frontal; 90 with a uniform share of 1 reaches full profile, with
+    about a third of the heads past 60 degrees."""
+    def yaws(cfg):
+        rng = np.random.default_rng(5)
+        return np.degrees([syn._sample_pose(rng, cfg)[0] for _ in range(2000)])
+
+    default = yaws(syn.SynthesisConfig())
+    assert np.abs(default).max() <= 60.0 + 1e-9 and np.median(np.abs(default)) < 25.0
+    profile = yaws(syn.SynthesisConfig(yaw_deg=90.0, yaw_uniform_share=1.0))
+    assert np.abs(profile).max() <= 90.0 + 1e-9 and np.abs(profile).max() > 85.0
+    assert 0.28 < np.mean(np.abs(profile) > 60.0) < 0.39
+
+
+def test_cli_refuses_a_yaw_past_profile(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        syn.main(["--count", "1", "--out", str(tmp_path), "--yaw-deg", "120"])
+    assert exc.value.code == 2 and "--yaw-deg" in capsys.readouterr().err
+
+
+class _Finds:
+    """A landmarker stand-in: detect gives its answer and counts the calls."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, []
+
+    def detect(self, image, *region):
+        self.calls.append(region)
+        return self.answer
+
+
+def test_track_crop_follows_a_lost_face_as_the_run_time_does():
+    """Where FaceMesh finds no face, the follower (MediaPipe's landmark model alone) runs on the whole
+    enlarged crop; its landmarks count when its face-presence score reaches ROI_MIN_PRESENCE."""
+    from engine.landmarks import ROI_MIN_PRESENCE
+
+    image = np.zeros((128, 128, 3), np.uint8)
+    points = np.full((478, 3), 100.0, np.float32)   # px of the 2x crop -> (100 + 0.5) / 2 - 0.5 = 49.75
+    lost = _Finds(None)
+    sure, unsure = _Finds((points, ROI_MIN_PRESENCE)), _Finds((points, 0.5 * ROI_MIN_PRESENCE))
+    lm = syn.track_crop(lost, image, follower=sure)
+    assert lm is not None and np.allclose(lm, 49.75)
+    assert sure.calls == [((127.5, 127.5), 256.0)]   # the whole 256 px crop, centred
+    assert syn.track_crop(lost, image, follower=unsure) is None
+    assert syn.track_crop(lost, image) is None      # no follower: as before
+    found = _Finds(points)
+    assert syn.track_crop(found, image, follower=sure) is not None and len(sure.calls) == 1   # not asked

@@ -297,3 +297,29 @@ def test_real_section_defaults_off_and_rejects_unknown_keys():
     assert tc.load_config({"real": {"photo": 2.0}})["real"]["photo"] == 2.0
     with pytest.raises(ValueError):
         tc.load_config({"real": {"photometric": 1.0}})
+
+
+def test_landmark_dropout_feeds_the_crop_centre_to_the_chosen_samples():
+    """input_landmarks: dropout / dropout_untracked replace a sample's landmarks by
+    engine.crop.unknown_landmarks_px (0 once normalised); tracked and untracked samples apart."""
+    S, B = 128, 64
+    g = torch.Generator().manual_seed(0)
+    batch = {"landmarks": torch.rand(B, 478, 2) * S, "tracked_landmarks": torch.rand(B, 478, 2) * S,
+             "tracked": torch.arange(B) % 2 == 0}
+    plain = tc.input_landmarks(batch, S)
+    assert (plain.abs().sum(dim=(1, 2)) > 0).all()
+    dropped = tc.input_landmarks(batch, S, generator=g, dropout=0.0, dropout_untracked=1.0)
+    gone = dropped.abs().sum(dim=(1, 2)) == 0
+    assert torch.equal(gone, ~batch["tracked"])
+    assert torch.equal(dropped[batch["tracked"]], plain[batch["tracked"]])
+    half = tc.input_landmarks(batch, S, generator=g, dropout=0.5, dropout_untracked=0.0)
+    gone = half.abs().sum(dim=(1, 2)) == 0
+    assert not gone[~batch["tracked"]].any() and 6 < gone[batch["tracked"]].sum() < 26
+
+
+def test_landmark_dropout_must_be_a_share():
+    cfg = tc.load_config({"train": {"landmark_dropout": 0.2, "landmark_dropout_untracked": 1}})
+    assert cfg["train"]["landmark_dropout"] == 0.2
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="landmark_dropout"):
+            tc.load_config({"train": {"landmark_dropout": bad}})

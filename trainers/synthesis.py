@@ -801,6 +801,7 @@ class SynthesisConfig:
 
     out_px: int = CROP_PX
     yaw_deg: float = 60.0
+    yaw_uniform_share: float = 0.3            # of samples with yaw uniform over +-yaw_deg; the rest ~N(0, 25 deg)
     pitch_deg: float = 35.0
     roll_deg: float = 30.0
     distance_cm: tuple = (35.0, 120.0)
@@ -878,7 +879,7 @@ def _sample_pose(rng, cfg: SynthesisConfig):
         a = rng.uniform(-limit, limit) if rng.random() < p_uniform else rng.normal(0.0, std)
         return np.radians(float(np.clip(a, -limit, limit)))
 
-    return angle(cfg.yaw_deg, 25.0, 0.3), angle(cfg.pitch_deg, 12.0, 0.2), angle(cfg.roll_deg, 10.0, 0.2)
+    return angle(cfg.yaw_deg, 25.0, cfg.yaw_uniform_share), angle(cfg.pitch_deg, 12.0, 0.2), angle(cfg.roll_deg, 10.0, 0.2)
 
 
 def _sample_camera_and_translation(rng, cfg, landmarks_model, R):
@@ -1365,22 +1366,30 @@ def _camera_effects(rng, cfg: SynthesisConfig, img: np.ndarray, frame_px_per_cro
 # ----------------------------------------------------------------------------- dataset, shards, CLI
 
 
-def track_crop(landmarker, image: np.ndarray, upscale: int = 2) -> np.ndarray | None:
+def track_crop(landmarker, image: np.ndarray, upscale: int = 2, follower=None) -> np.ndarray | None:
     """MediaPipe's 478 landmarks (478, 2) in crop px on a crop (S, S, 3) uint8, or None.
 
     The crop is enlarged `upscale` times first (MediaPipe's landmark model reads 192 px): a
-    128 px crop is what the run time sees, while the tracker there works on the full frame."""
+    128 px crop is what the run time sees, while the tracker there works on the full frame.
+    follower: an engine.landmarks.MediaPipeRoiLandmarker, run on the whole crop where FaceMesh finds
+    no face, its landmarks kept at a face-presence score of ROI_MIN_PRESENCE or more: what the run
+    time feeds the net for a face turned past FaceMesh's reach (capture.tracking follows it so)."""
+    from engine.landmarks import ROI_MIN_PRESENCE
+
     S = image.shape[0]
     big = cv2.resize(image, (S * upscale, S * upscale), interpolation=cv2.INTER_LINEAR)
     lm = landmarker.detect(big)
+    if lm is None and follower is not None:
+        lm, presence = follower.detect(big, ((S * upscale - 1) / 2.0,) * 2, float(S * upscale))
+        lm = lm if presence >= ROI_MIN_PRESENCE else None
     if lm is None:
         return None
     return ((lm[:, :2] + 0.5) / upscale - 0.5).astype(np.float32)
 
 
-def add_tracking(sample: dict, landmarker) -> dict:
+def add_tracking(sample: dict, landmarker, follower=None) -> dict:
     """The sample with tracked_landmarks / tracked (module docstring) from `track_crop`."""
-    lm = track_crop(landmarker, sample["image"])
+    lm = track_crop(landmarker, sample["image"], follower=follower)
     sample["tracked"] = np.bool_(lm is not None)
     sample["tracked_landmarks"] = lm if lm is not None else np.zeros((len(sample["landmarks"]), 2), np.float32)
     return sample
@@ -1399,6 +1408,7 @@ class SyntheticFaces:
     model: FaceModel | None = None
     correspondence: LandmarkCorrespondence | None = None
     track: bool = False     # run MediaPipe on each image (add_tracking): ~8 ms a sample
+    follow_lost: bool = False  # where FaceMesh finds no face, follow it as the run time does (track_crop)
 
     def __post_init__(self):
         self.model = self.model or FaceModel.load()
@@ -1406,6 +1416,7 @@ class SyntheticFaces:
         self.assets = SynthesisAssets.build(self.model, self.correspondence)
         self._bank = None
         self._landmarker = None
+        self._follower = None
 
     def __len__(self):
         return self.length
@@ -1426,7 +1437,11 @@ class SyntheticFaces:
                 from engine.landmarks import MediaPipeLandmarker
 
                 self._landmarker = MediaPipeLandmarker(static=True)
-            add_tracking(sample, self._landmarker)
+            if self.follow_lost and self._follower is None:
+                from engine.landmarks import MediaPipeRoiLandmarker
+
+                self._follower = MediaPipeRoiLandmarker()
+            add_tracking(sample, self._landmarker, self._follower)
         return sample
 
 
@@ -1501,10 +1516,11 @@ def add_tracking_to_shards(directory: str | Path) -> None:
 _WORKER: dict = {}
 
 
-def _worker_init(seed: int, out_px: int, real_backgrounds: bool, length: int, track: bool = True) -> None:
+def _worker_init(seed: int, out_px: int, real_backgrounds: bool, length: int, track: bool = True,
+                 config: SynthesisConfig | None = None, follow_lost: bool = False) -> None:
     cv2.setNumThreads(1)
-    _WORKER["ds"] = SyntheticFaces(length, seed=seed, out_px=out_px, real_backgrounds=real_backgrounds,
-                                   track=track)
+    _WORKER["ds"] = SyntheticFaces(length, seed=seed, out_px=out_px, config=config or SynthesisConfig(),
+                                   real_backgrounds=real_backgrounds, track=track, follow_lost=follow_lost)
     _WORKER["ds"].backgrounds()
 
 
@@ -1529,6 +1545,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-track", action="store_true", help="skip MediaPipe on the images (no tracked_landmarks)")
     ap.add_argument("--add-tracking", type=Path, metavar="DIR",
                     help="instead: add tracked_landmarks / tracked to the shards already in DIR")
+    ap.add_argument("--yaw-deg", type=float, default=SynthesisConfig.yaw_deg,
+                    help=f"head yaw limit, degrees (default {SynthesisConfig.yaw_deg:g}; 90 reaches full profile)")
+    ap.add_argument("--yaw-uniform", type=float, default=SynthesisConfig.yaw_uniform_share,
+                    help="share of samples with yaw uniform over the limit, the rest near frontal "
+                         f"(default {SynthesisConfig.yaw_uniform_share:g})")
+    ap.add_argument("--follow-lost", action="store_true",
+                    help="where FaceMesh finds no face (profiles), take the landmarks the run time's follower "
+                         "would give (MediaPipe's landmark model on the crop, kept when it sees a face)")
     args = ap.parse_args(argv)
     if args.add_tracking:
         add_tracking_to_shards(args.add_tracking)
@@ -1547,7 +1571,11 @@ def main(argv=None) -> int:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     ctx = mp.get_context("spawn")
-    init = (args.seed, args.out_px, not args.no_real_backgrounds, args.start + args.count, not args.no_track)
+    if not (0.0 < args.yaw_deg <= 90.0) or not (0.0 <= args.yaw_uniform <= 1.0):
+        ap.error("--yaw-deg must be in (0, 90] and --yaw-uniform in [0, 1]")
+    config = replace(SynthesisConfig(), yaw_deg=args.yaw_deg, yaw_uniform_share=args.yaw_uniform)
+    init = (args.seed, args.out_px, not args.no_real_backgrounds, args.start + args.count, not args.no_track, config,
+            args.follow_lost)
     cpu_s = 0.0
     t0 = time.perf_counter()
     with ctx.Pool(max(args.workers, 1), initializer=_worker_init, initargs=init) as pool:

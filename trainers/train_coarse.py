@@ -45,6 +45,7 @@ import torch
 
 from engine.coarsenet import CoarseNet, CoarseNetConfig, decode, normalise_landmarks, preprocess, save_weights
 from engine.correspondence import LandmarkCorrespondence
+from engine.crop import unknown_landmarks_px
 from engine.facemodel import FACE_VERTICES, FaceModel
 from trainers.losses import (DEFAULT_OPTIONS, DEFAULT_WEIGHTS, EXPRESSION_LOSSES, LossGeometry, coarse_loss,
                              rotation_angle)
@@ -65,6 +66,8 @@ DEFAULT_CONFIG: dict = {
         "min_lr_ratio": 0.01, "step_at": [0.6, 0.85], "grad_clip": 5.0, "seed": 0,
         "noise_std": 0.02,             # Gaussian pixel noise augmentation, normalised units ([-1, 1] range)
         "landmark_noise_px": 1.0,      # Gaussian noise on the true landmarks fed where none were tracked
+        "landmark_dropout": 0.0,       # share of tracked samples fed no landmarks (engine.crop.unknown_landmarks_px)
+        "landmark_dropout_untracked": 0.0,  # the same for samples MediaPipe did not track (profiles, mostly)
         "threads": 2, "log_every": 20, "val_every": 500, "checkpoint_every": 500,
         "init": None,                  # a coarsenet.pt to start from (fine-tuning stage); None: random
     },
@@ -115,6 +118,10 @@ def _check_numbers(cfg: dict) -> None:
     workers = cfg["data"]["workers"]
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"[data] workers must be a whole number >= 0, got {workers!r}")
+    for key in ("landmark_dropout", "landmark_dropout_untracked"):
+        value = cfg["train"][key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"[train] {key} must be a share in [0, 1], got {value!r}")
 
 
 def load_config(config: str | Path | dict | None) -> dict:
@@ -232,14 +239,27 @@ def synthesize_arrays(count: int, seed: int, out_px: int, real_backgrounds: bool
 
 
 def input_landmarks(batch: dict[str, torch.Tensor], input_size: int, noise_px: float = 0.0,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, dropout: float = 0.0,
+                    dropout_untracked: float = 0.0) -> torch.Tensor:
     """(B, 478, 2) normalised landmarks the net reads: MediaPipe's on the crop where it found the
-    face (the run-time input), else the true ones plus `noise_px` Gaussian noise (crop px)."""
+    face (the run-time input), else the true ones plus `noise_px` Gaussian noise (crop px).
+
+    dropout / dropout_untracked: the share of tracked / untracked samples given no landmarks at all
+    (engine.crop.unknown_landmarks_px: every point at the crop centre), so the net learns to
+    read the face from the picture alone where the run time has no landmarks (a face turned to
+    profile that MediaPipe lost)."""
     lm = batch["landmarks"]
     if noise_px > 0:
         lm = lm + noise_px * torch.randn(lm.shape, generator=generator, dtype=lm.dtype)
+    tracked = torch.zeros(len(lm), dtype=torch.bool)
     if "tracked_landmarks" in batch:
-        lm = torch.where(batch["tracked"].reshape(-1, 1, 1), batch["tracked_landmarks"], lm)
+        tracked = batch["tracked"].reshape(-1)
+        lm = torch.where(tracked.reshape(-1, 1, 1), batch["tracked_landmarks"], lm)
+    if dropout > 0 or dropout_untracked > 0:
+        p = torch.where(tracked, torch.tensor(float(dropout)), torch.tensor(float(dropout_untracked)))
+        drop = torch.rand(len(lm), generator=generator) < p
+        unknown = torch.from_numpy(unknown_landmarks_px(lm.shape[1], input_size)).to(lm.dtype)
+        lm = torch.where(drop.reshape(-1, 1, 1), unknown.expand_as(lm), lm)
     return normalise_landmarks(lm, input_size)
 
 
@@ -549,7 +569,8 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
                 if noise > 0:
                     x = x + noise * torch.randn_like(x)
                 xs.append(x)
-                lms.append(input_landmarks(b, S, float(tc["landmark_noise_px"])))
+                lms.append(input_landmarks(b, S, float(tc["landmark_noise_px"]), dropout=float(tc["landmark_dropout"]),
+                                           dropout_untracked=float(tc["landmark_dropout_untracked"])))
             if real_source is not None:
                 rb = pair_tensors(real_source(step))
                 xr = rb["image"]
