@@ -117,7 +117,7 @@ class CoarseFitter:
 
     def fit_from_picture(self, image: np.ndarray, points_px: np.ndarray, K: np.ndarray) -> FitResult:
         """Fit a frame without landmarks: the crop made from points_px (N, 2), where the face's
-        landmarks are expected (the previous fit's, projected), and the net reads no landmarks
+        landmarks are expected (capture.pipeline: the tracker's last ones), and the net reads no landmarks
         (engine.crop.unknown_landmarks_px). For a face turned past what MediaPipe tracks; nets
         trained without landmark dropout were never shown such input (stage 4 is). The identity
         is the take's, never updated from such a frame; rms_px is nan (nothing to measure it on)."""
