@@ -8,22 +8,23 @@ Samples the depth cannot see (no data, grazing surface, occluded, or further tha
 from the model) take no part. Residuals are in cm, as the landmark term's (engine.fitting),
 so both sit in one Gauss-Newton system.
 
-DepthRefiner runs that system after either engine's fit: the head pose moves (the
-expression stays the engine's: refining it against depth and landmarks made the
-blendshapes worse, bench/eval_rgbd.py, DepthSettings.solve_expression), and over the
-first frames with depth the identity is solved from the depth alone (the landmarks' own
-biases, a few mm where MediaPipe's points and the model's disagree, would pass into it)
-and locked, sooner than landmarks alone allow.
+DepthRefiner runs that system after either engine's fit: the head pose moves, placed by
+the depth with the landmarks weighted low (expression stays the engine's: refining it against
+depth and landmarks made the blendshapes worse, bench/eval_rgbd.py,
+DepthSettings.solve_expression), and over the first frames with depth the identity is
+solved from the depth alone (the landmarks' own biases, a few mm where MediaPipe's points
+and the model's disagree, would pass into it), together with those frames' poses, and
+locked, sooner than landmarks alone allow.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from engine.facemodel import FACE_VERTICES, FaceModel
 from engine.fitting import FitResult, FitSettings, LandmarkBasis, gauss_newton_frame, linearise
-from engine.pose import project
+from engine.pose import project, rodrigues
 from engine.rasterizer import vertex_normals
 
 
@@ -41,9 +42,13 @@ class DepthSettings:
     solve_expression: bool = False      # refine the expression too (else pose and identity only)
     expression_prior: float = 0.5       # pulls the expression towards the engine's (cm² per unit²)
     identity_frames: int = 10           # frames with depth before the identity locks
-    identity_prior: float = 2.0         # per frame, against identity weights ~ N(0, 1)
-    identity_landmark_weight: float = 0.0  # the landmarks' part in the identity solve (0: depth alone)
-    identity_rounds: int = 4            # at lock time: refit the identity frames, re-solve the identity
+    identity_prior: float = 0.5         # per frame, against identity weights ~ N(0, 1)
+    identity_landmark_weight: float = 0.0  # the landmarks' part in shaping the identity (0: depth alone)
+    identity_rounds: int = 8            # at lock time: Gauss-Newton steps on the identity and its frames' poses
+    identity_gate_cm: float = 0.5       # the identity solve's gate: the pose is solved by then, and a sample
+                                        # a centimetre off has met another surface (the nose's side, the chin)
+    landmark_weight: float = 0.03       # the landmarks' part in placing the head beside the depth: their
+                                        # bias against the model turned the head and shaped the face wrong
     min_samples: int = 50               # fewer seen samples than this: the frame is left as fitted
 
 
@@ -233,7 +238,7 @@ class DepthRefiner:
         t = t + shift
         R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, s.iterations,
                                      lower=lower, upper=upper, extra=extra, expression_target=prior_e,
-                                     solve_expression=s.solve_expression)
+                                     solve_expression=s.solve_expression, landmark_weight=s.landmark_weight)
         if not self.identity_locked:
             self._kept.append(([lm, K, R, t, e, lower, upper], depth_cm, prior_e))
             identity = self._update_identity(lm, K, R, t, e, identity, depth_cm)
@@ -241,7 +246,7 @@ class DepthRefiner:
                 identity = self.identity = self._settle_identity(identity)
             R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, 1,
                                          lower=lower, upper=upper, extra=extra, expression_target=prior_e,
-                                         solve_expression=s.solve_expression)
+                                         solve_expression=s.solve_expression, landmark_weight=s.landmark_weight)
         refined = FitResult(R, t, e, identity.copy(), fit.rms_px)
         residual_mm, seen = depth_residual_mm(self.depth, depth_cm, K, refined, s)
         return refined, seen, residual_mm
@@ -251,7 +256,8 @@ class DepthRefiner:
         lock after settings.identity_frames frames."""
         s = self.settings
         k = len(identity)
-        r, J = self._identity_equations(lm, K, R, t, e, identity, depth_cm)
+        r, J = self._frame_equations(lm, K, R, t, e, identity, depth_cm)
+        J = J[6:]
         A = J @ J.T
         self._A += A
         self._b += A @ identity - J @ r
@@ -261,40 +267,56 @@ class DepthRefiner:
         return self.identity
 
     def _settle_identity(self, identity: np.ndarray) -> np.ndarray:
-        """Alternate over the identity frames: refit each frame's pose and expression under the
-        identity, then solve the identity afresh at those states. The running estimate
-        adds each frame's equations at the pose fitted to the identity of that moment, and
-        a pose fitted to the mean face keeps part of the error the identity should take."""
+        """Gauss-Newton on the identity and every identity frame's pose together (expression held),
+        the poses eliminated by their Schur complement. Solving them in turn converges slowly:
+        part of a face-shape error looks like a small turn or shift of the head, and a pose
+        solved under the wrong face keeps it."""
         s = self.settings
-        fit_settings = FitSettings(expression_prior=s.expression_prior)
         k = len(identity)
+        frames = [(frame, depth_cm) for frame, depth_cm, _ in self._kept]
         for _ in range(s.identity_rounds):
-            A, b = s.identity_prior * len(self._kept) * np.eye(k), np.zeros(k)
-            for frame, depth_cm, target in self._kept:
-                lm, K, R, t, e, lower, upper = frame
-
-                def extra(R, t, e, d=depth_cm, K=K):
-                    return depth_linearise(self.depth, d, K, R, t, e, identity, s)
-                R, t, e = frame[2:5] = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, 2,
-                                                          lower=lower, upper=upper, extra=extra,
-                                                          expression_target=target,
-                                                          solve_expression=s.solve_expression)
-                r, J = self._identity_equations(lm, K, R, t, e, identity, depth_cm)
-                A += J @ J.T
-                b += J @ J.T @ identity - J @ r
-            identity = np.linalg.solve(A, b)
+            S = s.identity_prior * len(frames) * np.eye(k)
+            c = s.identity_prior * len(frames) * identity
+            blocks = []
+            for frame, depth_cm in frames:
+                lm, K, R, t, e = frame[:5]
+                r, J = self._frame_equations(lm, K, R, t, e, identity, depth_cm)
+                H, g = J @ J.T, J @ r
+                Hpp = H[:6, :6] + 1e-6 * np.eye(6)
+                Hpi, gp = H[:6, 6:], g[:6]
+                X = np.linalg.solve(Hpp, np.column_stack([Hpi, gp]))
+                S += H[6:, 6:] - Hpi.T @ X[:, :k]
+                c += g[6:] - Hpi.T @ X[:, k]
+                blocks.append(X)
+            step = -np.linalg.solve(S, c)
+            identity = identity + step
+            for (frame, _), X in zip(frames, blocks):
+                dp = -(X[:, k] + X[:, :k] @ step)
+                frame[2] = rodrigues(dp[:3]) @ frame[2]
+                frame[3] = frame[3] + dp[3:]
         self._kept = []
         return identity
 
-    def _identity_equations(self, lm, K, R, t, e, identity, depth_cm):
-        """Residuals (n,) and identity Jacobian rows (K, n) of one frame, pose and expression held:
-        the depth, and the landmarks at settings.identity_landmark_weight."""
+    def _frame_equations(self, lm, K, R, t, e, identity, depth_cm):
+        """Residuals (n,) and pose-then-identity Jacobian rows (6 + K, n) of one frame, expression
+        held: the depth; the landmarks at settings.landmark_weight placing the head only (their
+        few millimetres of bias against the model would pass into the face shape); and, at
+        settings.identity_landmark_weight, the landmarks shaping the face too."""
         s = self.settings
-        r, J = depth_linearise(self.depth, depth_cm, K, R, t, e, identity, s, solve_expression=False,
-                               solve_identity=True)
-        if s.identity_landmark_weight > 0:
+        r, J = depth_linearise(self.depth, depth_cm, K, R, t, e, identity, replace(s, gate_cm=s.identity_gate_cm),
+                               solve_expression=False, solve_identity=True)
+        parts_r, parts_J = [r], [J]
+        if s.landmark_weight > 0 or s.identity_landmark_weight > 0:
             r1, J1 = linearise(self.landmarks, lm, K, R, t, e, identity, solve_expression=False, solve_identity=True)
-            w = np.sqrt(s.identity_landmark_weight)
-            r, J = np.concatenate([r, r1 * w]), np.concatenate([J, J1 * w], axis=1)
-        return r, J[6:]
+            if s.landmark_weight > 0:
+                w = np.sqrt(s.landmark_weight)
+                pose_only = J1 * w
+                pose_only[6:] = 0.0
+                parts_r.append(r1 * w)
+                parts_J.append(pose_only)
+            if s.identity_landmark_weight > 0:
+                w = np.sqrt(s.identity_landmark_weight)
+                parts_r.append(r1 * w)
+                parts_J.append(J1 * w)
+        return np.concatenate(parts_r), np.concatenate(parts_J, axis=1)
 

@@ -203,13 +203,15 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
                        R: np.ndarray, t: np.ndarray, expression: np.ndarray, identity: np.ndarray,
                        settings: FitSettings, iterations: int, solve_expression: bool = True,
                        lower: np.ndarray | None = None, upper: np.ndarray | None = None,
-                       extra=None, expression_target: np.ndarray | None = None):
+                       extra=None, expression_target: np.ndarray | None = None,
+                       landmark_weight: float = 1.0):
     """Gauss-Newton on pose and bounded expression; returns (R, t, expression).
 
     Expression weights stay in [lower, upper] (default [0, 1]); equal bounds pin a weight.
     extra: optional (R, t, expression) -> (r, Jt) of more residuals in cm with linearise's
     rows (e.g. engine.depth_fit's depth term), solved together with the landmarks.
     expression_target: where the expression prior pulls (default 0).
+    landmark_weight: scales the landmarks' squared residuals against extra's.
     """
     M = basis.expression.shape[0]
     lower = np.zeros(M) if lower is None else lower
@@ -221,6 +223,8 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
     target = np.zeros(M) if expression_target is None else expression_target
     for _ in range(iterations):
         r, Jt = linearise(basis, landmarks_px, K, R, t, e, identity, solve_expression)
+        if landmark_weight != 1.0:
+            r, Jt = r * np.sqrt(landmark_weight), Jt * np.sqrt(landmark_weight)
         if extra is not None:
             r2, Jt2 = extra(R, t, e)
             r, Jt = np.concatenate([r, r2]), np.concatenate([Jt, Jt2[:n_var]], axis=1)
