@@ -51,7 +51,7 @@ from capture.sources import RGBDFolderSource, RGBDTakeWriter  # noqa: E402
 from engine.coarse_fitting import runtime_for  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
 from engine.depth import DepthCalibration, denoise_depth, register_depth  # noqa: E402
-from engine.depth_fit import depth_residual_mm, depth_sample_vertices  # noqa: E402
+from engine.depth_fit import depth_residual_mm, front_face_vertices  # noqa: E402
 from engine.facemodel import FaceModel  # noqa: E402
 from engine.fitting import FitResult  # noqa: E402
 from trainers.clips import ClipConfig, clip_rng, render_clip  # noqa: E402
@@ -107,7 +107,7 @@ def run_modes(capture: FaceCapture, folder: Path):
 
 def score_clips(capture: FaceCapture, folders: list[Path], model: FaceModel) -> dict:
     region = FaceRegion(model)
-    front = depth_sample_vertices(model)
+    front = front_face_vertices(model)
     names = ("vertex_mm_sim", "front_mm_sim", "head_deg", "translation_mm", "bs_mae", "bs_mae_zero",
              "fit_ms", "depth_ms", "depth_residual_mm")
     err = {mode: {k: [] for k in names} for mode in ("colour", "rgbd")}

@@ -135,7 +135,7 @@ class FrameResult:
     landmarks68: np.ndarray | None = None
     rms_px: float = float("nan")
     depth_samples: int = 0                       # depth samples the fit was refined against (0: no depth used)
-    depth_residual_mm: float = float("nan")      # their median |model - depth|, point to plane
+    depth_residual_mm: float = float("nan")      # median |model - depth| over the front-face ones, point to plane
     timings_s: dict = field(default_factory=dict)
 
 
