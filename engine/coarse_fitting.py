@@ -102,18 +102,28 @@ class CoarseFitter:
         from engine.runtime import nominal_crop_camera
 
         S = self.runtime.input_size
-        unknown = unknown_landmarks_px(self.runtime.n_landmarks, S)[None] if self.runtime.n_landmarks else None
-        self.runtime.run(np.zeros((1, S, S, 3), np.uint8), nominal_crop_camera(S)[None], unknown)
+        self.runtime.run(np.zeros((1, S, S, 3), np.uint8), nominal_crop_camera(S)[None], self._unknown_landmarks())
 
     def predict(self, image: np.ndarray, landmarks_px: np.ndarray, K: np.ndarray) -> dict[str, np.ndarray]:
         """The network's raw outputs (batch of one removed) for the face at landmarks_px in image
         (a net that reads no landmarks ignores them)."""
+        return self._run_on_crop(image, landmarks_px, K, feed_landmarks=True)
+
+    def _run_on_crop(self, image: np.ndarray, points_px: np.ndarray, K: np.ndarray,
+                     feed_landmarks: bool) -> dict[str, np.ndarray]:
+        """The net on the crop made from points_px (N, 2), fed those points in crop pixels or, without
+        feed_landmarks, the stand-in for unknown ones; raw outputs, batch of one removed."""
         S = self.runtime.input_size
-        A = crop_transform(crop_box(landmarks_px), S)
+        A = crop_transform(crop_box(points_px), S)
         crop = crop_image(np.ascontiguousarray(image), A, S)
-        out = self.runtime.run(crop[None], crop_camera(K, A)[None].astype(np.float32),
-                               apply_affine(A, landmarks_px)[None].astype(np.float32))
+        fed = apply_affine(A, points_px)[None].astype(np.float32) if feed_landmarks else self._unknown_landmarks()
+        out = self.runtime.run(crop[None], crop_camera(K, A)[None].astype(np.float32), fed)
         return {name: value[0] for name, value in out.items()}
+
+    def _unknown_landmarks(self) -> np.ndarray | None:
+        """(1, L, 2) the landmark input meaning "not tracked" (None for a net that reads none)."""
+        n = self.runtime.n_landmarks
+        return unknown_landmarks_px(n, self.runtime.input_size)[None] if n else None
 
     def fit_from_picture(self, image: np.ndarray, points_px: np.ndarray, K: np.ndarray) -> FitResult:
         """Fit a frame without landmarks: the crop made from points_px (N, 2), where the face's
@@ -121,12 +131,7 @@ class CoarseFitter:
         (engine.crop.unknown_landmarks_px). For a face turned past what MediaPipe tracks; nets
         trained without landmark dropout were never shown such input (stage 4 is). The identity
         is the take's, never updated from such a frame; rms_px is nan (nothing to measure it on)."""
-        S = self.runtime.input_size
-        A = crop_transform(crop_box(np.asarray(points_px, np.float64)), S)
-        crop = crop_image(np.ascontiguousarray(image), A, S)
-        unknown = unknown_landmarks_px(self.runtime.n_landmarks, S)[None] if self.runtime.n_landmarks else None
-        out = {name: value[0] for name, value in
-               self.runtime.run(crop[None], crop_camera(K, A)[None].astype(np.float32), unknown).items()}
+        out = self._run_on_crop(image, np.asarray(points_px, np.float64), K, feed_landmarks=False)
         e = np.clip(out["expression"].astype(np.float64), 0.0, 1.0)
         return FitResult(out["rotation"].astype(np.float64), out["translation"].astype(np.float64), e,
                          self.identity.copy(), float("nan"))

@@ -235,7 +235,7 @@ class DepthRefiner:
     _A: np.ndarray | None = None
     _b: np.ndarray | None = None
     _frames: int = 0
-    _kept: list = field(default_factory=list)   # the identity frames: ([lm, K, R, t, e, lower, upper], depth cm, target)
+    _kept: list = field(default_factory=list)   # the identity frames: [lm, K, R, t, e, depth cm]
 
     def __post_init__(self):
         k = self.landmarks.identity.shape[0]
@@ -274,7 +274,7 @@ class DepthRefiner:
                                      lower=lower, upper=upper, extra=extra, expression_target=prior_e,
                                      solve_expression=s.solve_expression, landmark_weight=s.landmark_weight)
         if not self.identity_locked:
-            self._kept.append(([lm, K, R, t, e, lower, upper], depth_cm, prior_e))
+            self._kept.append([lm, K, R, t, e, depth_cm])
             identity = self._update_identity(lm, K, R, t, e, identity, depth_cm)
             if self.identity_locked:
                 identity = self.identity = self._settle_identity(identity)
@@ -307,14 +307,13 @@ class DepthRefiner:
         solved under the wrong face keeps it."""
         s = self.settings
         k = len(identity)
-        frames = [(frame, depth_cm) for frame, depth_cm, _ in self._kept]
+        frames = self._kept
         for _ in range(s.identity_rounds):
             S = s.identity_prior * len(frames) * np.eye(k)
             c = s.identity_prior * len(frames) * identity
             blocks = []
-            for frame, depth_cm in frames:
-                lm, K, R, t, e = frame[:5]
-                r, J = self._frame_equations(lm, K, R, t, e, identity, depth_cm)
+            for frame in frames:
+                r, J = self._frame_equations(*frame[:5], identity, frame[5])
                 H, g = J @ J.T, J @ r
                 Hpp = H[:6, :6] + 1e-6 * np.eye(6)
                 Hpi, gp = H[:6, 6:], g[:6]
@@ -324,7 +323,7 @@ class DepthRefiner:
                 blocks.append(X)
             step = -np.linalg.solve(S, c)
             identity = identity + step
-            for (frame, _), X in zip(frames, blocks):
+            for frame, X in zip(frames, blocks):
                 dp = -(X[:, k] + X[:, :k] @ step)
                 frame[2] = rodrigues(dp[:3]) @ frame[2]
                 frame[3] = frame[3] + dp[3:]
