@@ -419,6 +419,10 @@ def sample_expression(rng: np.random.Generator, names, kind: str | None = None):
 # ----------------------------------------------------------------------------- per-model assets
 
 
+#: Materials synthesis does not draw (the iris spheres sit inside the sclera; the rest are overlays).
+UNDRAWN_MATERIALS = ("M_IrisLeft", "M_IrisRight", "M_LacrimalFluid", "M_EyeBlend", "M_EyeOcclusion")
+
+
 @dataclass
 class SynthesisAssets:
     """What synthesis precomputes once per model and correspondence (all rest-mesh, model space, cm)."""
@@ -447,8 +451,7 @@ class SynthesisAssets:
     def build(cls, model: FaceModel, corr: LandmarkCorrespondence) -> "SynthesisAssets":
         rest = model.neutral.astype(np.float64)
         V = len(rest)
-        skip = ("M_IrisLeft", "M_IrisRight", "M_LacrimalFluid", "M_EyeBlend", "M_EyeOcclusion")
-        keep = ~model.material_mask(*skip)
+        keep = ~model.material_mask(*UNDRAWN_MATERIALS)
         tri_ids = np.flatnonzero(keep)
         tris = model.triangles[tri_ids].astype(np.int32)
         mat = model.triangle_material[tri_ids]

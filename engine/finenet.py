@@ -1,0 +1,136 @@
+"""FineNet: the detail layer, a displacement map (mm, along the coarse normals) from the face's UV map.
+
+Input (B, 7, R, R) float32, R = config.map_px (256), engine.uvmap's layout: the frame unwrapped by
+the coarse fit (engine.detail.unwrap, sRGB in [0, 1], minus 0.5), the visible texels (0/1) and the
+coarse surface's normals in camera space (engine.detail.texel_geometry): the network sees the
+shading and the directions it was lit from. `network_input` builds it from those maps.
+
+Output (B, 1, R, R): displacement in mm, config.max_mm · tanh(·), negative into the skin.
+
+A small U-Net in plain torch (no torchvision): a strided stem to R/2, two more strided stages to
+R/8, then back up with bilinear upsampling and additive skips to R/2, where a 1x1 convolution leaves
+HEAD_CHANNELS features; upsampled to R and beside the input itself, one 3x3 convolution gives the map
+(fine detail needs the full resolution, and the input is the only full-resolution feature that is cheap). Depthwise-separable convolutions past the stem keep it near a few
+milliseconds on one core in ONNX Runtime (bench/bench_finenet.py). BatchNorm is folded on export.
+"""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.uvmap import DETAIL_MAP_PX
+
+#: Input channels: colour (3), visible (1), normals (3).
+IN_CHANNELS = 7
+#: Features carried up to the full resolution, where one 3x3 convolution reads them beside the input.
+HEAD_CHANNELS = 4
+ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class FineNetConfig:
+    map_px: int = DETAIL_MAP_PX
+    widths: tuple[int, int, int, int] = (16, 24, 32, 48)   # at R/2, R/4, R/8, R/16
+    max_mm: float = 2.0
+
+    def __post_init__(self):
+        if self.map_px % 16:
+            raise ValueError(f"map_px must be a multiple of 16, got {self.map_px}")
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """3x3 depthwise (stride) -> 1x1 pointwise, each with BatchNorm and ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                         nn.ReLU(inplace=True),
+                         nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class FineNet(nn.Module):
+    def __init__(self, config: FineNetConfig | None = None):
+        super().__init__()
+        self.config = config or FineNetConfig()
+        w = self.config.widths
+        self.stem = _conv(IN_CHANNELS, w[0], stride=2)                  # R/2
+        self.down = nn.ModuleList([_separable(w[i], w[i + 1], stride=2) for i in range(3)])   # R/4, R/8, R/16
+        self.context = _separable(w[3], w[3])
+        self.lateral = nn.ModuleList([nn.Conv2d(w[i + 1], w[i], 1) for i in range(3)])
+        self.up = nn.ModuleList([_separable(w[i], w[i]) for i in range(3)])
+        self.head = nn.Conv2d(w[0], HEAD_CHANNELS, 1)
+        self.full = nn.Conv2d(HEAD_CHANNELS + IN_CHANNELS, 1, 3, padding=1)    # at R, with the input itself
+        nn.init.zeros_(self.full.weight)
+        nn.init.zeros_(self.full.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.stem(x)]
+        for layer in self.down:
+            skips.append(layer(skips[-1]))
+        y = self.context(skips[-1])
+        for i in (2, 1, 0):
+            y = F.interpolate(self.lateral[i](y), scale_factor=2.0, mode="bilinear", align_corners=False)
+            y = self.up[i](y + skips[i])
+        y = F.interpolate(self.head(y), scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.config.max_mm * torch.tanh(self.full(torch.cat([y, x], dim=1)))
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def network_input(colour_srgb: np.ndarray, visible: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """(7, R, R) float32 input from the unwrapped colour (R, R, 3) sRGB in [0, 1], visible (R, R) and
+    camera-space normals (R, R, 3); texels not visible carry zeros."""
+    vis = visible.astype(np.float32)[..., None]
+    x = np.concatenate([(colour_srgb - 0.5) * vis, vis, normals * vis], axis=-1)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), np.float32)
+
+
+def save_weights(net: FineNet, path: str | Path) -> None:
+    torch.save({"config": asdict(net.config), "state_dict": net.state_dict()}, path)
+
+
+def load_weights(path: str | Path) -> FineNet:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = dict(blob["config"])
+    cfg["widths"] = tuple(cfg["widths"])
+    net = FineNet(FineNetConfig(**cfg))
+    net.load_state_dict(blob["state_dict"])
+    return net.eval()
+
+
+def export_onnx(net: FineNet, path: str | Path | None = None) -> bytes:
+    """The net (eval mode, BatchNorm folded, dynamic batch) as ONNX bytes, its config in the metadata
+    ('finenet_config'); also written to path if given."""
+    import onnx
+
+    R = net.config.map_px
+    was = net.training
+    buf = io.BytesIO()
+    try:
+        net.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (torch.zeros(1, IN_CHANNELS, R, R),), buf, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["maps"], output_names=["displacement_mm"],
+                              dynamic_axes={"maps": {0: "batch"}, "displacement_mm": {0: "batch"}},
+                              do_constant_folding=True)
+    finally:
+        net.train(was)
+    proto = onnx.load_from_string(buf.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "finenet_config", json.dumps(asdict(net.config))
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
