@@ -9,6 +9,7 @@
     capture calibrate --camera N --out X.toml   ... measured live, with prompts
     capture export DIR --format gltf      a recorded take as one .glb (mesh, 52 morph targets, animation)
     capture train coarse --out DIR        train CoarseNet on synthetic renders (trainers/train_coarse.py)
+    capture train fine --data D --out DIR train FineNet on real frame pairs (trainers/train_fine.py)
     capture model import FACEXMODEL_DIR   build the face model file from ICT-FaceKit's OBJ folder
 """
 from __future__ import annotations
@@ -125,6 +126,13 @@ def _common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
                    help="write raw per-frame fits (no One-Euro temporal filtering)")
     _actor_option(p, "calibration: FILE an actor profile from `capture calibrate`; auto (default) each "
                   "take's neutral from its quietest frames (nothing for photos); off the raw fitted weights")
+    p.add_argument("--detail", action="store_true",
+                   help="also capture the skin's detail with FineNet: detail/NNNNNN.png (16-bit displacement "
+                   "maps in the face model's UV layout, scale in track.npz), detail_normals/NNNNNN.png (normal "
+                   "maps for renderers), and meshes with the face skin subdivided and displaced (about 0.1 s "
+                   "a frame more on one core; off by default)")
+    p.add_argument("--detail-weights", type=Path, default=None, metavar="PATH",
+                   help="FineNet weights for --detail, .onnx (default: engine/weights/finenet.onnx)")
     _engine_options(p)
     _swap_mouth_option(p)
 
@@ -255,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-model", type=Path, default=None, help="face model .npz (the one the take was made with)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("train", help="train the networks (CoarseNet)")
+    p = sub.add_parser("train", help="train the networks (CoarseNet, FineNet)")
     tsub = p.add_subparsers(dest="train_command", required=True, metavar="NETWORK")
     tsub.add_parser("coarse", help="train CoarseNet (see `capture train coarse --help`)", add_help=False)
+    tsub.add_parser("fine", help="train FineNet, the skin detail (see `capture train fine --help`)", add_help=False)
 
     p = sub.add_parser("model", help="face model tools")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -337,6 +346,18 @@ def _take_folder(out: Path, overwrite: bool) -> TakeLock:
     return lock
 
 
+def _load_detail(args, capture):
+    """FineNet's runtime for --detail (None without it); unusable weights are a CaptureError."""
+    if not args.detail:
+        return None
+    from engine.fine_runtime import FineNetError, FineRuntime
+
+    try:
+        return FineRuntime(capture.model, args.detail_weights)
+    except FineNetError as exc:
+        raise CaptureError(str(exc)) from None
+
+
 def cmd_video(args) -> int:
     from capture.pipeline import run_take
     from capture.sources import RGBDFolderSource, VideoSource, is_rgbd_folder
@@ -352,7 +373,7 @@ def cmd_video(args) -> int:
             try:
                 summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
                                    max_frames=args.max_frames, swap_mouth_lr=args.swap_mouth_lr,
-                                   pointclouds=args.save_pointclouds)
+                                   pointclouds=args.save_pointclouds, detail=_load_detail(args, capture))
             finally:
                 capture.close()
     finally:
@@ -371,7 +392,7 @@ def cmd_image(args) -> int:
         capture = _load_capture(args, static=True)
         try:
             summary = run_take(source, capture, out, args.mesh_format, progress=not args.quiet,
-                               swap_mouth_lr=args.swap_mouth_lr)
+                               swap_mouth_lr=args.swap_mouth_lr, detail=_load_detail(args, capture))
         finally:
             capture.close()
     _report(summary, out)
@@ -439,6 +460,8 @@ def cmd_live(args) -> int:
         raise CaptureError("--record-rgbd needs a depth camera (--rgbd realsense|openni)")
     if args.save_pointclouds and args.rgbd is None:
         raise CaptureError("--save-pointclouds needs a depth camera (--rgbd realsense|openni)")
+    if args.detail and args.out is None:
+        raise CaptureError("--detail writes detail maps and meshes: it needs --out DIR")
     if args.preview:
         check_display()
     lock = _take_folder(args.out, args.overwrite) if args.out is not None else None
@@ -447,6 +470,7 @@ def cmd_live(args) -> int:
         hub = _open_streams(args)
         source = _live_source(args)
         capture = _load_capture(args, static=False)
+        detail = _load_detail(args, capture)
         if args.record_rgbd is not None:
             recorder = _rgbd_recorder(args.record_rgbd, source)
     except BaseException:
@@ -472,7 +496,7 @@ def cmd_live(args) -> int:
         summary = run_take(source, capture, args.out, args.mesh_format, progress=not args.quiet,
                            max_frames=args.max_frames, on_result=on_result,
                            queue_size=1, streams=hub, swap_mouth_lr=args.swap_mouth_lr,
-                           pointclouds=args.save_pointclouds)
+                           pointclouds=args.save_pointclouds, detail=detail)
     except KeyboardInterrupt:
         summary = None
     finally:
@@ -666,10 +690,14 @@ def cmd_export(args) -> int:
 
 def cmd_train(args) -> int:
     """Hands the rest of the command line to the trainer, which owns its options."""
-    from trainers.train_coarse import ConfigError, main as train_coarse
+    from trainers.train_coarse import ConfigError
 
+    if args.train_command == "fine":
+        from trainers.train_fine import main as trainer
+    else:
+        from trainers.train_coarse import main as trainer
     try:
-        return train_coarse(args.trainer_argv, prog="capture train coarse")
+        return trainer(args.trainer_argv, prog=f"capture train {args.train_command}")
     except ConfigError as exc:
         raise CaptureError(str(exc)) from None
 

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from capture.sinks import BackgroundMeshWriter, LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
+from capture.sinks import BackgroundMeshWriter, DetailMapWriter, LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
 from capture.sources import Frame, FrameReader, FrameSource
 from capture.streams import StreamHub, stream_frame
-from capture.take_folder import POINTCLOUD_FOLDER, OutputError, cut_back, reason
+from capture.take_folder import (DETAIL_FOLDER, DETAIL_NORMAL_FOLDER, POINTCLOUD_FOLDER, OutputError, cut_back,
+                                 reason)
 from capture.tracking import (FOLLOW_CONFIDENCE, FOLLOW_MIN_PRESENCE, FOLLOW_PATIENCE_FRAMES, FaceTracker,
                               follow_region)
 from engine.arkit import arkit_from_model
@@ -38,6 +39,7 @@ from engine.depth import backproject, write_ply_points
 from engine.depth_fit import DepthBasis, DepthRefiner, DepthSettings
 from engine.facemodel import FaceModel, barycentric_points
 from engine.filters import OneEuroFilter
+from engine.fine_runtime import FineRuntime
 from engine.fitting import FitResult, FitSettings, LandmarkBasis, TakeFitter
 from engine.eyestate import EyeClosure, subject_left_first
 from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, LidClosure, eye_look_weights, gaze_angles,
@@ -428,7 +430,8 @@ class FaceCapture:
 
 
 class TakeWriter:
-    """The output folder of one take: blendshapes.csv, meshes/NNNNNN.obj|ply, track.npz.
+    """The output folder of one take: blendshapes.csv, meshes/NNNNNN.obj|ply, track.npz (and with --detail
+    detail/ and detail_normals/).
 
     Every file is valid after every frame (rows flushed, meshes renamed into
     place, track.npz checkpointed), so an error midway loses nothing written.
@@ -437,22 +440,32 @@ class TakeWriter:
     """
 
     def __init__(self, out_dir: Path, capture: FaceCapture, fps: float, mesh_format: str = "obj",
-                 source_fps: float | None = None, swap_mouth_lr: bool = False, pointclouds: bool = False):
+                 source_fps: float | None = None, swap_mouth_lr: bool = False, pointclouds: bool = False,
+                 detail: FineRuntime | None = None):
         """fps times the CSV's rows; source_fps (None: unknown, e.g. photos) goes into track.npz;
         swap_mouth_lr exchanges MouthLeft and MouthRight in the CSV only (LiveLinkCsvWriter);
         pointclouds: each frame with depth also gets pointclouds/NNNNNN.ply, its registered depth
-        in camera space (cm, coloured), whether or not it shows a face."""
+        in camera space (cm, coloured), whether or not it shows a face. detail (--detail): each frame
+        with a face gets FineNet's maps (DetailMapWriter), and its mesh is the head with the face skin
+        subdivided and displaced (FineRuntime.triangles: the same vertex order every frame, the model's
+        vertices first)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.capture = capture
         self.csv = LiveLinkCsvWriter(self.out_dir / "blendshapes.csv", fps, swap_mouth_lr)
+        self.detail = detail
         self.meshes = None
         if mesh_format != "none":
-            self.meshes = BackgroundMeshWriter(
-                MeshSequenceWriter(self.out_dir / "meshes", capture.model.triangles, mesh_format))
+            triangles = detail.triangles if detail is not None else capture.model.triangles
+            self.meshes = BackgroundMeshWriter(MeshSequenceWriter(self.out_dir / "meshes", triangles, mesh_format))
         self.track = TrackWriter(self.out_dir / "track.npz", n_expression=capture.model.n_expression,
                                  n_identity=capture.basis.identity.shape[0],
                                  fps=source_fps or float("nan"))
+        self.detail_maps = None
+        if detail is not None:
+            self.detail_maps = DetailMapWriter(self.out_dir / DETAIL_FOLDER, self.out_dir / DETAIL_NORMAL_FOLDER,
+                                               detail.max_mm)
+            self.track.detail_scale_mm = detail.max_mm
         self.pointclouds = self.out_dir / POINTCLOUD_FOLDER if pointclouds else None
         self._camera_set = False
         self.failure: OSError | None = None  # the first write that failed
@@ -460,10 +473,10 @@ class TakeWriter:
         self._writing: int | None = None  # the frame whose writes are under way
 
     def write(self, result: FrameResult, frame: Frame | None = None) -> None:
-        """One frame's files; frame (its picture and depth) is needed for point clouds only."""
+        """One frame's files; frame (its picture and depth) is needed for point clouds and --detail only."""
         self._writing = result.index
         try:
-            self._write(result)
+            self._write(result, frame)
             if self.pointclouds is not None and frame is not None and frame.depth_mm is not None:
                 self._write_pointcloud(result, frame)
         except OSError as exc:
@@ -471,15 +484,22 @@ class TakeWriter:
             raise
         self._writing = None
 
-    def _write(self, result: FrameResult) -> None:
+    def _write(self, result: FrameResult, frame: Frame | None) -> None:
         if not self._camera_set:
             self.track.set_camera(result.camera_matrix, result.image_size)
             self._camera_set = True
         if result.face_found:
             self.csv.write(result.time_s, result.blendshapes, result.head_ypr_rad,
                            result.eyes_ypr_rad[0], result.eyes_ypr_rad[1])
+            vertices = self.capture.mesh_vertices(result)
+            if self.detail is not None and frame is not None:
+                t0 = time.perf_counter()
+                displacement, geometry = self.detail.displacement(frame.image, vertices, result.camera_matrix)
+                self.detail_maps.write(result.index, displacement, self.detail.normal_map(geometry, displacement))
+                vertices = self.detail.mesh_vertices(vertices, displacement)
+                result.timings_s["detail"] = time.perf_counter() - t0
             if self.meshes is not None:
-                self.meshes.write(result.index, self.capture.mesh_vertices(result))
+                self.meshes.write(result.index, vertices)
             self.track.set_identity(result.identity)
         self.track.add(result.index, result.time_s, result.face_found, blendshapes=result.blendshapes,
                        expression=result.expression, rotation=result.rotation,
@@ -520,6 +540,8 @@ class TakeWriter:
                 self.kept = cut_back(self.track, self.csv.path, self.meshes.writer if self.meshes else None,
                                      self._writing)
                 self.track.close(save=False)
+                if self.detail_maps is not None:
+                    self.detail_maps.keep_only(self.track.arrays(self.kept)["frame_index"])
         finally:
             if error is not None:
                 raise error
@@ -547,7 +569,7 @@ class TakeSummary:
 def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, mesh_format: str = "obj",
              progress: bool = True, max_frames: int | None = None, on_result=None,
              queue_size: int = 4, streams: StreamHub | None = None, swap_mouth_lr: bool = False,
-             pointclouds: bool = False) -> TakeSummary:
+             pointclouds: bool = False, detail: FineRuntime | None = None) -> TakeSummary:
     """Drive a source through the pipeline into out_dir (None: no files).
 
     A SourceError raised midway (e.g. a truncated video) propagates after every
@@ -573,7 +595,7 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     writer = None
     if out_dir is not None:
         try:
-            writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps, swap_mouth_lr, pointclouds)
+            writer = TakeWriter(out_dir, capture, fps, mesh_format, source.fps, swap_mouth_lr, pointclouds, detail)
         except OSError as exc:
             raise OutputError(f"cannot write in the take folder {out_dir}: {reason(exc)}") from None
     total = source.frame_count if max_frames is None else min(max_frames, source.frame_count or max_frames)

@@ -269,6 +269,57 @@ def _write_atomic(path: str, chunks) -> None:
         raise
 
 
+def encode_displacement(displacement_mm: np.ndarray, scale_mm: float) -> np.ndarray:
+    """(R, R) mm -> uint16: 32768 + round(32767 · d / scale_mm), clipped (decode_displacement inverts it)."""
+    code = 32768.0 + np.round(np.asarray(displacement_mm, np.float64) / scale_mm * 32767.0)
+    return np.clip(code, 0, 65535).astype(np.uint16)
+
+
+def decode_displacement(code: np.ndarray, scale_mm: float) -> np.ndarray:
+    """uint16 map (encode_displacement) -> (R, R) float32 mm."""
+    return ((np.asarray(code, np.float64) - 32768.0) / 32767.0 * scale_mm).astype(np.float32)
+
+
+class DetailMapWriter:
+    """--detail's per-frame maps: ``detail/NNNNNN.png`` (16-bit grey displacement, mm = (v - 32768) / 32767 ·
+    scale_mm, the scale in track.npz as detail_scale_mm) and ``detail_normals/NNNNNN.png`` (8-bit RGB
+    tangent-space normal map, rgb = (n + 1) / 2, x along u, y along v, z out of the skin), each written
+    atomically, in the face model's UV layout (tile 0, row 0 at v = 1)."""
+
+    def __init__(self, displacement_dir, normal_dir, scale_mm: float):
+        self.displacement_dir, self.normal_dir = os.fspath(displacement_dir), os.fspath(normal_dir)
+        self.scale_mm = float(scale_mm)
+        os.makedirs(self.displacement_dir, exist_ok=True)
+        os.makedirs(self.normal_dir, exist_ok=True)
+
+    def paths_of(self, number: int) -> tuple[str, str]:
+        name = f"{number:06d}.png"
+        return os.path.join(self.displacement_dir, name), os.path.join(self.normal_dir, name)
+
+    def keep_only(self, numbers) -> None:
+        """Removes the maps of frames not in numbers (a take cut back after a failed write)."""
+        keep = {f"{int(n):06d}.png" for n in numbers}
+        for folder in (self.displacement_dir, self.normal_dir):
+            for name in os.listdir(folder):
+                if name not in keep:
+                    try:
+                        os.remove(os.path.join(folder, name))
+                    except OSError:
+                        pass
+
+    def write(self, number: int, displacement_mm: np.ndarray, normals: np.ndarray) -> None:
+        import cv2
+
+        rgb = np.clip(np.round((np.asarray(normals) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        d_path, n_path = self.paths_of(number)
+        for path, image in ((d_path, encode_displacement(displacement_mm, self.scale_mm)),
+                            (n_path, rgb[..., ::-1])):     # OpenCV writes BGR
+            ok, data = cv2.imencode(".png", np.ascontiguousarray(image))
+            if not ok:
+                raise OSError(f"cannot encode {path}")
+            _write_atomic(path, [data])
+
+
 class MeshSequenceWriter:
     """One mesh file per frame, ``directory/NNNNNN.obj`` or ``.ply``, vertices in cm.
 
@@ -464,6 +515,7 @@ class TrackWriter:
         self.image_size = np.zeros(2, dtype=np.int64)
         self.set_camera(camera_matrix, image_size)
         self.identity = np.zeros(0, dtype=np.float32)
+        self.detail_scale_mm = float("nan")  # --detail: the displacement maps' full scale (DetailMapWriter)
         self._count = 0
         self.saved_frames = 0  # frames in the file on disk (0: none written yet)
         self._last_save_s = -math.inf
@@ -565,6 +617,7 @@ class TrackWriter:
         out["camera_matrix"] = self.camera_matrix
         out["image_size"] = self.image_size
         out["fps"] = np.float64(self.fps)
+        out["detail_scale_mm"] = np.float64(self.detail_scale_mm)
         return out
 
     def save(self, frames: int | None = None) -> None:

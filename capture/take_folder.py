@@ -30,8 +30,13 @@ MESH_FOLDER = "meshes"
 MESH_FILE = re.compile(r"\.?\d{6,}\.(obj|ply)(\.tmp)?")
 #: An RGB-D take's point clouds (--save-pointclouds): POINTCLOUD_FOLDER/NNNNNN.ply, as the meshes.
 POINTCLOUD_FOLDER = "pointclouds"
+#: --detail: DETAIL_FOLDER/NNNNNN.png 16-bit displacement maps, DETAIL_NORMAL_FOLDER/NNNNNN.png normal maps.
+DETAIL_FOLDER = "detail"
+DETAIL_NORMAL_FOLDER = "detail_normals"
+PNG_FILE = re.compile(r"\.?\d{6,}\.png(\.tmp)?")
 #: The per-frame folders of a take: name -> the files in it that are the take's.
-FRAME_FOLDERS = {MESH_FOLDER: MESH_FILE, POINTCLOUD_FOLDER: re.compile(r"\.?\d{6,}\.ply(\.tmp)?")}
+FRAME_FOLDERS = {MESH_FOLDER: MESH_FILE, POINTCLOUD_FOLDER: re.compile(r"\.?\d{6,}\.ply(\.tmp)?"),
+                 DETAIL_FOLDER: PNG_FILE, DETAIL_NORMAL_FOLDER: PNG_FILE}
 
 #: What a user should read for the errors an output place gives (else the system's wording).
 _REASONS = {

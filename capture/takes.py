@@ -50,6 +50,7 @@ PER_TAKE = {
     "camera_matrix": ((3, 3), "f"),
     "image_size": ((2,), "iu"),
     "fps": ((), "f"),
+    "detail_scale_mm": ((), "f"),   # --detail: full scale of detail/NNNNNN.png, NaN without (older: absent)
 }
 TRACK_ARRAYS = {**PER_FRAME, **PER_TAKE}
 #: What every take has had since the first (older ones may lack eyes_ypr_rad, fps, identity_per_frame).

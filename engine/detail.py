@@ -19,6 +19,10 @@ from engine.rasterizer import rasterize, vertex_normals
 from engine.uvmap import DetailMesh, FaceUV, scatter_texels, texel_values, uv_to_map_px
 
 
+#: Visible texels this close to the edge of what is visible are left out (unwrap).
+EDGE_TEXELS = 2
+
+
 def texel_geometry(face_uv: FaceUV, vertices: np.ndarray) -> dict:
     """The coarse surface in the map: positions (R, R, 3) cm, unit smooth normals (R, R, 3), and the
     tangents P_u, P_v (R, R, 3), the surface's derivatives along u and v (cm per UV unit, constant over
@@ -33,13 +37,15 @@ def texel_geometry(face_uv: FaceUV, vertices: np.ndarray) -> dict:
 
 
 def unwrap(image: np.ndarray, vertices_cam: np.ndarray, geometry: dict, face_uv: FaceUV, K: np.ndarray,
-           min_cos: float = 0.2, depth_tol_cm: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+           min_cos: float = 0.2, depth_tol_cm: float = 0.3, edge_texels: int = EDGE_TEXELS
+           ) -> tuple[np.ndarray, np.ndarray]:
     """A frame (H, W, C) read into the face map: (colour (R, R, C) float32 in the image's own scale,
     visible (R, R) bool). vertices_cam (V, 3) cm, geometry = texel_geometry(face_uv, vertices_cam),
     K (3, 3) px.
 
-    A texel is visible when it projects inside the frame, faces the camera (cos > min_cos) and is not
-    behind the face's own depth buffer (nose over cheek) by more than depth_tol_cm.
+    A texel is visible when it projects inside the frame, faces the camera (cos > min_cos), is not
+    behind the face's own depth buffer (nose over cheek) by more than depth_tol_cm, and is at least
+    edge_texels from the edge of what is visible (the outline mixes in what lies behind the face).
     """
     H, W = image.shape[:2]
     channels = image.shape[2] if image.ndim == 3 else 1
@@ -69,6 +75,8 @@ def unwrap(image: np.ndarray, vertices_cam: np.ndarray, geometry: dict, face_uv:
     view = -P / np.linalg.norm(P, axis=1, keepdims=True)
     facing = (geometry["normals"][mask] * view).sum(axis=1) > min_cos
     visible[mask] = inside & unoccluded & facing
+    if edge_texels > 0:
+        visible = cv2.erode(visible.astype(np.uint8), np.ones((2 * edge_texels + 1,) * 2, np.uint8)) > 0
     map_x = np.full(mask.shape, -1.0, np.float32)
     map_y = np.full(mask.shape, -1.0, np.float32)
     map_x[mask], map_y[mask] = px[:, 0], px[:, 1]
@@ -137,3 +145,37 @@ def displaced_vertices(detail_mesh: DetailMesh, vertices: np.ndarray, triangles:
     nd /= np.maximum(np.linalg.norm(nd, axis=1, keepdims=True), 1e-12)
     d_cm = sample_map(displacement_mm, detail_mesh.uv) / 10.0
     return (base + d_cm[:, None] * nd).astype(np.float32)
+
+
+def tangent_normal_map(Pu: np.ndarray, Pv: np.ndarray, displacement_mm: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(R, R, 3) float32 unit normals in tangent space (x along u, y along v, z out of the skin) of the
+    displaced surface, for a renderer's normal texture: (-∂d/∂s_u, -∂d/∂s_v, 1) normalised, s the skin
+    distance along u and v (d's slope per cm of skin); (0, 0, 1) off the face."""
+    R = displacement_mm.shape[0]
+    d_cm = np.asarray(displacement_mm, np.float64) / 10.0
+    d_u = np.gradient(d_cm, 1.0 / R, axis=1)
+    d_v = -np.gradient(d_cm, 1.0 / R, axis=0)
+    su = np.maximum(np.linalg.norm(Pu, axis=-1), 1e-9)
+    sv = np.maximum(np.linalg.norm(Pv, axis=-1), 1e-9)
+    n = np.stack([-d_u / su, -d_v / sv, np.ones_like(d_cm)], axis=-1)
+    n[~mask] = (0.0, 0.0, 1.0)
+    return (n / np.linalg.norm(n, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def detailed_face_triangles(model_triangles: np.ndarray, face_mask: np.ndarray, detail_mesh: DetailMesh,
+                            n_vertices: int) -> np.ndarray:
+    """Triangles of the whole head with its face skin subdivided: the model's other triangles as they
+    are, then the detail mesh's, whose vertices are the model's own (the face skin's ids are the detail
+    mesh's first ids) followed by the edge midpoints, numbered from n_vertices on (detailed_vertices)."""
+    n_face = int((detail_mesh.parents[:, 0] == detail_mesh.parents[:, 1]).sum())
+    remap = np.concatenate([detail_mesh.parents[:n_face, 0], n_vertices + np.arange(detail_mesh.n_vertices - n_face)])
+    return np.concatenate([model_triangles[~face_mask], remap[detail_mesh.triangles]]).astype(np.int64)
+
+
+def detailed_vertices(vertices: np.ndarray, detail_vertices: np.ndarray, detail_mesh: DetailMesh) -> np.ndarray:
+    """(V + D - F, 3): the model's vertices (V, 3) with the face skin's F taken from the displaced detail
+    mesh (D, 3), then the detail mesh's midpoints: the vertex order of detailed_face_triangles."""
+    n_face = int((detail_mesh.parents[:, 0] == detail_mesh.parents[:, 1]).sum())
+    out = np.concatenate([np.asarray(vertices, np.float32), detail_vertices[n_face:]])
+    out[detail_mesh.parents[:n_face, 0]] = detail_vertices[:n_face]
+    return out

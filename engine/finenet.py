@@ -1,9 +1,9 @@
 """FineNet: the detail layer, a displacement map (mm, along the coarse normals) from the face's UV map.
 
-Input (B, 7, R, R) float32, R = config.map_px (256), engine.uvmap's layout: the frame unwrapped by
-the coarse fit (engine.detail.unwrap, sRGB in [0, 1], minus 0.5), the visible texels (0/1) and the
-coarse surface's normals in camera space (engine.detail.texel_geometry): the network sees the
-shading and the directions it was lit from. `network_input` builds it from those maps.
+Input (B, 7, R, R) float32, R = config.map_px (256), engine.uvmap's layout (engine.fine_runtime.detail_inputs):
+the frame unwrapped by the coarse fit (engine.detail.unwrap, sRGB minus 0.5), the lit texels (0/1), the
+shading a smooth albedo leaves unexplained, and how much the shading changes with a slope along u and
+along v under the frame's fitted light: the network integrates slopes rather than finding the light.
 
 Output (B, 1, R, R): displacement in mm, config.max_mm · tanh(·), negative into the skin.
 
@@ -26,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.fine_runtime import IN_CHANNELS
 from engine.uvmap import DETAIL_MAP_PX
-
-#: Input channels: colour (3), visible (1), normals (3).
-IN_CHANNELS = 7
 #: Features carried up to the full resolution, where one 3x3 convolution reads them beside the input.
 HEAD_CHANNELS = 4
 ONNX_OPSET = 17
@@ -87,14 +85,6 @@ class FineNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def network_input(colour_srgb: np.ndarray, visible: np.ndarray, normals: np.ndarray) -> np.ndarray:
-    """(7, R, R) float32 input from the unwrapped colour (R, R, 3) sRGB in [0, 1], visible (R, R) and
-    camera-space normals (R, R, 3); texels not visible carry zeros."""
-    vis = visible.astype(np.float32)[..., None]
-    x = np.concatenate([(colour_srgb - 0.5) * vis, vis, normals * vis], axis=-1)
-    return np.ascontiguousarray(x.transpose(2, 0, 1), np.float32)
-
-
 def save_weights(net: FineNet, path: str | Path) -> None:
     torch.save({"config": asdict(net.config), "state_dict": net.state_dict()}, path)
 
@@ -134,3 +124,4 @@ def export_onnx(net: FineNet, path: str | Path | None = None) -> bytes:
     if path is not None:
         Path(path).write_bytes(data)
     return data
+

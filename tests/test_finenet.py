@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.finenet import IN_CHANNELS, FineNet, FineNetConfig, export_onnx, load_weights, network_input, save_weights
+from engine.fine_runtime import IN_CHANNELS
+from engine.finenet import FineNet, FineNetConfig, export_onnx, load_weights, save_weights
 from engine.runtime import cpu_session
 
 
@@ -41,17 +42,6 @@ def test_output_is_bounded_and_onnx_agrees(tmp_path):
     again = load_weights(tmp_path / "f.pt")
     with torch.no_grad():
         assert torch.equal(again(x), torch.as_tensor(ref))
-
-
-def test_network_input_layout():
-    rng = np.random.default_rng(0)
-    colour, normals = rng.uniform(size=(8, 8, 3)), rng.normal(size=(8, 8, 3))
-    visible = np.zeros((8, 8), bool)
-    visible[2:6, 2:6] = True
-    x = network_input(colour, visible, normals)
-    assert x.shape == (IN_CHANNELS, 8, 8) and x.dtype == np.float32
-    assert np.allclose(x[:3, 3, 3], colour[3, 3] - 0.5) and x[3, 3, 3] == 1 and np.allclose(x[4:, 3, 3], normals[3, 3])
-    assert (x[:, 0, 0] == 0).all()
 
 
 def test_map_size_must_divide_by_16():

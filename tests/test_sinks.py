@@ -324,9 +324,10 @@ def test_track_round_trip_with_missing_face(tmp_path):
         "landmarks68": ((4, 68, 2), np.float32), "image_size": ((2,), np.int64),
         "identity_per_frame": ((4, 60), np.float32), "eyes_ypr_rad": ((4, 2, 3), np.float32),
         "fps": ((), np.float64), "decoded": ((4,), np.bool_), "confidence": ((4,), np.float32),
-        "depth_residual_mm": ((4,), np.float32),
+        "depth_residual_mm": ((4,), np.float32), "detail_scale_mm": ((), np.float64),
     }
     assert set(t) == set(expected)
+    assert np.isnan(t["detail_scale_mm"])  # no --detail: NaN
     assert t["decoded"].all() and np.isnan(t["confidence"]).all()  # defaults: decoded, no confidence given
     assert np.isnan(t["depth_residual_mm"]).all()  # no depth: NaN
     assert np.isnan(t["identity_per_frame"]).all()  # no frame passed its identity

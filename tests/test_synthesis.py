@@ -37,9 +37,9 @@ def clean_samples(model, corr):
 
 
 def test_numpy_sh_basis_matches_torch():
-    from engine import shading
+    from engine import lighting, shading
     for name in ("SH_C0", "SH_C1", "SH_C2", "SH_C20", "SH_C22"):
-        assert getattr(syn, name) == getattr(shading, name)
+        assert getattr(lighting, name) == getattr(shading, name)
     n = np.random.default_rng(0).normal(size=(100, 3))
     n /= np.linalg.norm(n, axis=1, keepdims=True)
     assert np.abs(syn.sh_basis_np(n) - sh_basis(torch.from_numpy(n)).numpy()).max() < 1e-12

@@ -72,6 +72,7 @@ from engine.correspondence import LandmarkCorrespondence
 from engine.crop import CROP_PX, crop_box, crop_camera, crop_transform, image_coverage
 from engine.facemodel import FACE_VERTICES, FaceModel, barycentric_points
 from engine.gaze import FULL_LOOK_PITCH, FULL_LOOK_YAW, sphere_centre
+from engine.lighting import SH_C0, linear_to_srgb, sh_basis_np, srgb_to_linear  # noqa: F401 - trainers import them here
 from engine.pose import default_camera_matrix, euler_yxz, head_rotation, model_to_camera, project, yaw_pitch_roll
 from engine.rasterizer import rasterize
 
@@ -83,34 +84,6 @@ OCCLUDER_BITS = {"glasses": 1, "hand": 2, "hair": 4, "object": 8}
 SUPERSAMPLE = 2   # render and composite at 2x the crop, then area-average: antialiased edges
 
 # ----------------------------------------------------------------------------- colour helpers
-
-
-def srgb_to_linear(c):
-    """sRGB in [0, 1] -> linear (the IEC 61966-2-1 curve)."""
-    c = np.asarray(c, dtype=np.float32)
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
-
-
-def linear_to_srgb(c):
-    """Linear -> sRGB in [0, 1], clipped."""
-    c = np.clip(np.asarray(c, dtype=np.float32), 0.0, 1.0)
-    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055).astype(np.float32)
-
-
-# engine.shading's real SH constants, mirrored so that synthesis needs no torch (tests check they agree)
-SH_C0 = 0.5 * math.sqrt(1.0 / math.pi)
-SH_C1 = math.sqrt(3.0 / (4.0 * math.pi))
-SH_C2 = 0.5 * math.sqrt(15.0 / math.pi)
-SH_C20 = 0.25 * math.sqrt(5.0 / math.pi)
-SH_C22 = 0.25 * math.sqrt(15.0 / math.pi)
-
-
-def sh_basis_np(normals: np.ndarray) -> np.ndarray:
-    """numpy twin of engine.shading.sh_basis: unit normals (..., 3) -> (..., 9), same order and constants."""
-    x, y, z = normals[..., 0], normals[..., 1], normals[..., 2]
-    return np.stack([np.full_like(x, SH_C0), SH_C1 * y, SH_C1 * z, SH_C1 * x,
-                     SH_C2 * x * y, SH_C2 * y * z, SH_C20 * (3.0 * z * z - 1.0), SH_C2 * x * z,
-                     SH_C22 * (x * x - y * y)], axis=-1)
 
 
 #: Lambertian (clamped-cosine) convolution per SH band: a light of irradiance I from
