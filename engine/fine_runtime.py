@@ -90,7 +90,7 @@ class FineNetError(RuntimeError):
 class FineRuntime:
     """FineNet in ONNX Runtime with the face's layout: from a frame and its coarse fit to the detail.
 
-    displacement(image, vertices_cam, K) -> the (R, R) map, mm; detail_vertices / mesh_vertices place it
+    displacement(image, vertices_cam, K) -> the (R, R) map, mm; mesh_vertices places it
     on the coarse mesh; normal_map gives a renderer's tangent-space normal texture.
     """
 
