@@ -86,23 +86,28 @@ def unwrap(image: np.ndarray, vertices_cam: np.ndarray, geometry: dict, face_uv:
     return colour, visible
 
 
+def map_slopes(displacement_cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(d_u, d_v) of a map (R, R), cm per UV unit: central differences, one-sided at the map's edge;
+    v runs up while rows run down."""
+    d = np.asarray(displacement_cm, np.float64)
+    step = 1.0 / d.shape[-1]                                 # UV units per texel
+    return np.gradient(d, step, axis=1), -np.gradient(d, step, axis=0)
+
+
 def displaced_normals(normals, Pu, Pv, displacement_cm, xp=np):
     """Unit normals (R, R, 3) of the surface P + d n, from the smooth normals n (R, R, 3), the tangents
     P_u, P_v (R, R, 3) (cm per UV unit) and d (R, R) cm (module docstring). Slopes of d by central
     differences (one-sided at the map's edge). numpy, or torch with xp=torch (differentiable in d)."""
-    R = displacement_cm.shape[-1]
-    step = 1.0 / R                                           # UV units per texel
     if xp is np:
-        d = np.asarray(displacement_cm, np.float64)
-        d_u = np.gradient(d, step, axis=1)
-        d_v = -np.gradient(d, step, axis=0)                  # rows run down, v runs up
+        d_u, d_v = map_slopes(displacement_cm)
         area = np.linalg.norm(np.cross(Pu, Pv), axis=-1)[..., None]
         n = area * normals + d_v[..., None] * np.cross(Pu, normals) + d_u[..., None] * np.cross(normals, Pv)
         return (n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
     import torch
 
     d = displacement_cm
-    d_u = _torch_gradient(d, step, dim=-1)
+    step = 1.0 / d.shape[-1]
+    d_u = _torch_gradient(d, step, dim=-1)                   # as map_slopes, differentiable
     d_v = -_torch_gradient(d, step, dim=-2)
     area = torch.linalg.vector_norm(torch.cross(Pu, Pv, dim=-1), dim=-1, keepdim=True)
     n = (area * normals + d_v[..., None] * torch.cross(Pu, normals, dim=-1)
@@ -151,10 +156,8 @@ def tangent_normal_map(Pu: np.ndarray, Pv: np.ndarray, displacement_mm: np.ndarr
     """(R, R, 3) float32 unit normals in tangent space (x along u, y along v, z out of the skin) of the
     displaced surface, for a renderer's normal texture: (-∂d/∂s_u, -∂d/∂s_v, 1) normalised, s the skin
     distance along u and v (d's slope per cm of skin); (0, 0, 1) off the face."""
-    R = displacement_mm.shape[0]
     d_cm = np.asarray(displacement_mm, np.float64) / 10.0
-    d_u = np.gradient(d_cm, 1.0 / R, axis=1)
-    d_v = -np.gradient(d_cm, 1.0 / R, axis=0)
+    d_u, d_v = map_slopes(d_cm)
     su = np.maximum(np.linalg.norm(Pu, axis=-1), 1e-9)
     sv = np.maximum(np.linalg.norm(Pv, axis=-1), 1e-9)
     n = np.stack([-d_u / su, -d_v / sv, np.ones_like(d_cm)], axis=-1)

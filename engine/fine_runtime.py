@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
+
+from engine.detail import (detailed_face_triangles, detailed_vertices, displaced_normals, displaced_vertices,
+                           tangent_normal_map, texel_geometry, unwrap)
+from engine.lighting import fit_sh_lighting, sh_basis_np, srgb_to_linear
+from engine.runtime import cpu_session
+from engine.uvmap import DetailMesh, FaceUV
 
 #: Input channels: colour (3), lit (1), shading residual (1), shading response to slope along u and v (2).
 IN_CHANNELS = 7
@@ -26,8 +33,6 @@ SLOPE_STEP_MM = 0.01
 def frame_light(colour_linear: np.ndarray, visible: np.ndarray, normals: np.ndarray) -> np.ndarray:
     """(9, 3) float32 SH light fitted to the visible texels' colour (R, R, 3) linear and coarse normals
     (engine.lighting.fit_sh_lighting); zeros when fewer than 50 texels are visible."""
-    from engine.lighting import fit_sh_lighting
-
     ids = np.flatnonzero(visible)
     if len(ids) < 50:
         return np.zeros((9, 3), np.float32)
@@ -37,8 +42,6 @@ def frame_light(colour_linear: np.ndarray, visible: np.ndarray, normals: np.ndar
 
 def masked_blur(values: np.ndarray, mask: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian blur of values (R, R, C) over the mask (R, R) only (normalised by the blurred mask)."""
-    import cv2
-
     w = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), sigma_px)
     v = cv2.GaussianBlur(np.ascontiguousarray(values * mask[..., None], np.float32), (0, 0), sigma_px)
     return (v.reshape(values.shape) / np.maximum(w, 1e-3)[..., None]).astype(np.float32)
@@ -55,9 +58,6 @@ def detail_inputs(colour_srgb: np.ndarray, visible: np.ndarray, geometry: dict, 
     and along v (engine.detail.displaced_normals' tilt under this light): with them, the residual is
     about response · slope, so the net's job is to integrate, not to find the light.
     """
-    from engine.detail import displaced_normals
-    from engine.lighting import sh_basis_np, srgb_to_linear
-
     R = visible.shape[0]
     n = geometry["normals"]
     shading = sh_basis_np(n.astype(np.float64)) @ sh
@@ -95,10 +95,6 @@ class FineRuntime:
     """
 
     def __init__(self, model, weights: str | Path | None = None, intra_op_threads: int = 1):
-        from engine.detail import detailed_face_triangles
-        from engine.runtime import cpu_session
-        from engine.uvmap import DetailMesh, FaceUV
-
         path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
         if not path.is_file():
             raise FineNetError(f"FineNet weights not found at {path} (train them: make weights)")
@@ -118,10 +114,6 @@ class FineRuntime:
     def displacement(self, image_rgb: np.ndarray, vertices_cam: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """(map (R, R) float32 mm, geometry of engine.detail.texel_geometry) for a frame (H, W, 3) uint8
         and its coarse fit vertices_cam (V, 3) cm under K."""
-        from engine.detail import texel_geometry, unwrap
-
-        from engine.lighting import srgb_to_linear
-
         g = texel_geometry(self.face_uv, vertices_cam)
         colour, visible = unwrap(image_rgb, vertices_cam, g, self.face_uv, K)
         colour /= 255.0
@@ -133,12 +125,8 @@ class FineRuntime:
 
     def mesh_vertices(self, vertices_cam: np.ndarray, displacement_mm: np.ndarray) -> np.ndarray:
         """The whole head with the detail, in the vertex order of self.triangles (engine.detail.detailed_vertices)."""
-        from engine.detail import detailed_vertices, displaced_vertices
-
         detail = displaced_vertices(self.detail_mesh, vertices_cam, self.face_uv.triangles, displacement_mm)
         return detailed_vertices(vertices_cam, detail, self.detail_mesh)
 
     def normal_map(self, geometry: dict, displacement_mm: np.ndarray) -> np.ndarray:
-        from engine.detail import tangent_normal_map
-
         return tangent_normal_map(geometry["Pu"], geometry["Pv"], displacement_mm, self.face_uv.mask)

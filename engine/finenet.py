@@ -16,17 +16,16 @@ milliseconds on one core in ONNX Runtime (bench/bench_finenet.py). BatchNorm is 
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.fine_runtime import IN_CHANNELS
+from engine.runtime import with_config
 from engine.uvmap import DETAIL_MAP_PX
 #: Features carried up to the full resolution, where one 3x3 convolution reads them beside the input.
 HEAD_CHANNELS = 4
@@ -101,8 +100,6 @@ def load_weights(path: str | Path) -> FineNet:
 def export_onnx(net: FineNet, path: str | Path | None = None) -> bytes:
     """The net (eval mode, BatchNorm folded, dynamic batch) as ONNX bytes, its config in the metadata
     ('finenet_config'); also written to path if given."""
-    import onnx
-
     R = net.config.map_px
     was = net.training
     buf = io.BytesIO()
@@ -116,12 +113,5 @@ def export_onnx(net: FineNet, path: str | Path | None = None) -> bytes:
                               do_constant_folding=True)
     finally:
         net.train(was)
-    proto = onnx.load_from_string(buf.getvalue())
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "finenet_config", json.dumps(asdict(net.config))
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
-    if path is not None:
-        Path(path).write_bytes(data)
-    return data
+    return with_config(buf.getvalue(), "finenet_config", net.config, path)
 

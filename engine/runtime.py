@@ -202,7 +202,6 @@ def export_onnx(model: CoarseNet, path: str | Path | None = None, opset: int = O
 
     The model's config is stored as JSON in the metadata (key 'coarsenet_config'). The model is
     exported in eval mode (BatchNorm folded) and left in the mode it was in."""
-    import onnx
     import torch
 
     from engine.coarsenet import CoarseNetInference
@@ -226,9 +225,17 @@ def export_onnx(model: CoarseNet, path: str | Path | None = None, opset: int = O
                               dynamic_axes=axes, do_constant_folding=True)
     finally:
         model.train(was_training)
-    proto = onnx.load_from_string(buf.getvalue())
+    return with_config(buf.getvalue(), "coarsenet_config", model.config, path)
+
+
+def with_config(onnx_bytes: bytes, key: str, config, path: str | Path | None = None) -> bytes:
+    """An exported graph with a network's config (a dataclass) stored as JSON under metadata `key`,
+    checked by onnx.checker; also written to path if given."""
+    import onnx
+
+    proto = onnx.load_from_string(onnx_bytes)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "coarsenet_config", json.dumps(asdict(model.config))
+    entry.key, entry.value = key, json.dumps(asdict(config))
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     if path is not None:

@@ -116,8 +116,8 @@ class FrameSet:
 
     def batch(self, ids: np.ndarray, frames: int = 2) -> dict[str, torch.Tensor]:
         """Tensors of the samples ids, their first `frames` frames flattened into the batch (B·frames, ...)."""
-        def t(a, dtype=torch.float32):
-            return torch.as_tensor(a[ids][:, :frames].reshape((-1,) + a.shape[2:]).astype(np.float32)).to(dtype)
+        def t(a):
+            return torch.as_tensor(a[ids][:, :frames].reshape((-1,) + a.shape[2:]).astype(np.float32))
 
         return {"x": t(self.x), "colour": t(self.colour), "visible": t(self.visible), "normals": t(self.normals),
                 "Pu": t(self.Pu), "Pv": t(self.Pv), "sh": t(self.sh),
