@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("gltf",), default="gltf", help="export format (default: gltf, as .glb)")
     p.add_argument("--out", type=Path, default=None, help="output file (default: TAKE/take.glb)")
     p.add_argument("--face-model", type=Path, default=None, help="face model .npz (the one the take was made with)")
+    p.add_argument("--detail", action="store_true",
+                   help="include the skin detail of a take recorded with --detail as the face's normal texture "
+                   "(the median of the take's displacement maps; glTF has no per-frame textures)")
+    p.add_argument("--detail-frame", type=int, default=None, metavar="N",
+                   help="with --detail: frame N's map instead of the take's median")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("train", help="train the networks (CoarseNet, FineNet)")
@@ -662,12 +667,18 @@ def _report_calibration(result, out: Path) -> None:
 def cmd_export(args) -> int:
     from tqdm import tqdm
 
-    from capture.gltf_export import GltfExportError, export_gltf
+    from capture.gltf_export import GltfExportError, export_gltf, take_detail_mm
     from engine.facemodel import FaceModel
 
+    if args.detail_frame is not None and not args.detail:
+        raise CaptureError("--detail-frame needs --detail")
     track, folder = _load_take(args.take)
     if not track["face_found"].any():
         raise CaptureError(f"{args.take} has no frame with a face: nothing to export")
+    try:
+        detail_mm = take_detail_mm(folder, track, args.detail_frame) if args.detail else None
+    except GltfExportError as exc:
+        raise CaptureError(f"{args.take}: {exc}") from None
     out = args.out or folder / "take.glb"
     if _is_dir(out):
         raise CaptureError(f"--out {out} is a folder: give the .glb file's name")
@@ -679,7 +690,7 @@ def cmd_export(args) -> int:
             bar.n = done
             bar.refresh()
         try:
-            path = export_gltf(track, model, out, progress=progress)
+            path = export_gltf(track, model, out, progress=progress, detail_mm=detail_mm)
         except GltfExportError as exc:
             raise CaptureError(str(exc)) from None
         except OSError as exc:  # the .glb is written whole or not at all

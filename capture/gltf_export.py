@@ -28,6 +28,14 @@ What the file holds (all lengths in metres, glTF's unit):
   the same origin), looking down -z: its view reproduces the video's framing
   (glTF cameras have no principal point offset: it assumes a centred one).
 
+With detail (a take recorded with --detail; `capture export --detail`), the skin detail rides
+along as a normal texture: one tangent-space normal map (PNG in the file) of a displacement map
+(the texel-wise median of the take's maps, or one frame's) on the face skin, which becomes its own
+primitive (material "Skin" with normalTexture; the rest of the head is primitive 1, material
+"Head"), with TEXCOORD_0 (the model's UV tile 0, t = 1 - v) and TANGENT (x along u, w so that
+the bitangent points along +v, the map's green). glTF has no per-frame textures, so the map is
+one for the whole take.
+
 Key times are the track's time_s (seconds, the video's clock). Photo takes
 (every time 0) and any other take whose times do not increase strictly are
 keyed at frame_index / fps, or one key per second without an fps.
@@ -42,9 +50,13 @@ from pathlib import Path
 
 import numpy as np
 
+from capture.sinks import decode_displacement
+from capture.take_folder import DETAIL_FOLDER
 from engine.arkit import ARKIT_NAMES, arkit_mapping_matrix
+from engine.detail import tangent_normal_map, texel_geometry
 from engine.facemodel import FaceModel
 from engine.pose import FRONTAL
+from engine.uvmap import FACE_MATERIAL, FaceUV
 
 Progress = Callable[[int, int], None]
 
@@ -52,9 +64,10 @@ GENERATOR = "capture"
 
 # glTF enums
 _FLOAT, _UNSIGNED_SHORT, _UNSIGNED_INT = 5126, 5123, 5125
+_LINEAR, _LINEAR_MIPMAP_LINEAR, _CLAMP_TO_EDGE = 9729, 9987, 33071
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 _TRIANGLES = 4
-_N_COMPONENTS = {"SCALAR": 1, "VEC3": 3, "VEC4": 4}
+_N_COMPONENTS = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}
 _NUMPY_TYPE = {_FLOAT: np.float32, _UNSIGNED_SHORT: np.uint16, _UNSIGNED_INT: np.uint32}
 
 # GLB container
@@ -64,6 +77,11 @@ _CHUNK_JSON, _CHUNK_BIN = 0x4E4F534A, 0x004E4942
 CM_PER_M = 100.0
 #: Key spacing for takes without usable times or fps (photos), seconds.
 FALLBACK_KEY_SPACING_S = 1.0
+#: The take's detail is the median of at most this many of its maps, evenly spread.
+MAX_DETAIL_MAPS = 240
+#: Skin-like PBR factors for the detailed export (glTF's default material is a rough metal, which
+#: shows a normal texture badly).
+_SKIN = {"baseColorFactor": [0.80, 0.62, 0.52, 1.0], "metallicFactor": 0.0, "roughnessFactor": 0.55}
 
 
 class GltfExportError(ValueError):
@@ -106,6 +124,90 @@ def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     normals[flat] = (0.0, 0.0, 1.0)
     length[flat] = 1.0
     return (normals / length[:, None]).astype(np.float32)
+
+
+def vertex_tangents(vertices: np.ndarray, triangles: np.ndarray, vertex_uv: np.ndarray,
+                    normals: np.ndarray) -> np.ndarray:
+    """(V, 4) float32 glTF tangents: xyz the unit surface direction of increasing u, orthogonal to the
+    vertex normal; w = ±1 so that cross(normal, xyz) · w points along increasing v.
+
+    vertices (V, 3), triangles (T, 3) with vertex_uv (V, 2) defined on their corners, normals (V, 3)
+    unit. Per triangle, P_u and P_v solve [p1 - p0; p2 - p0] = [uv1 - uv0; uv2 - uv0] [P_u; P_v];
+    each vertex sums them weighted by its triangles' areas. Vertices on no triangle get (1, 0, 0, 1).
+    """
+    v = np.asarray(vertices, np.float64)
+    uv = np.asarray(vertex_uv, np.float64)[triangles]                      # (T, 3, 2)
+    p = v[triangles]
+    dp = np.stack([p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]], axis=1)          # (T, 2, 3)
+    duv = np.stack([uv[:, 1] - uv[:, 0], uv[:, 2] - uv[:, 0]], axis=1)    # (T, 2, 2)
+    puv = np.linalg.solve(duv, dp)                                         # (T, 2, 3): rows P_u, P_v
+    area = 0.5 * np.linalg.norm(np.cross(dp[:, 0], dp[:, 1]), axis=1)
+    acc = np.zeros((2, len(v), 3))
+    for corner in range(3):
+        for k in range(2):
+            for axis in range(3):
+                acc[k, :, axis] += np.bincount(triangles[:, corner], weights=area * puv[:, k, axis],
+                                               minlength=len(v))
+    n = np.asarray(normals, np.float64)
+    t = acc[0] - (acc[0] * n).sum(axis=1, keepdims=True) * n
+    length = np.linalg.norm(t, axis=1)
+    flat = length < 1e-12
+    t[flat], length[flat] = (1.0, 0.0, 0.0), 1.0
+    w = np.where((np.cross(n, t) * acc[1]).sum(axis=1) < 0, -1.0, 1.0)
+    w[flat] = 1.0
+    return np.concatenate([t / length[:, None], w[:, None]], axis=1).astype(np.float32)
+
+
+def take_detail_mm(folder, track: dict, frame: int | None = None) -> np.ndarray:
+    """(R, R) float32 mm: the take's displacement map for the export, read from folder/detail/.
+
+    frame: that frame's map (a frame_index of the track); None: the texel-wise median over the
+    frames with a face (at most MAX_DETAIL_MAPS of them, evenly spread), the detail the take holds
+    throughout. Raises GltfExportError when the take has no detail maps or not the one asked for.
+    """
+    import cv2
+
+    scale_mm = float(np.asarray(track.get("detail_scale_mm", np.nan)))
+    folder = Path(folder) / DETAIL_FOLDER
+    if not np.isfinite(scale_mm) or not folder.is_dir():
+        raise GltfExportError("the take has no detail maps (record it with --detail)")
+    index = np.asarray(track["frame_index"])
+    if frame is not None:
+        if not np.isin(frame, index[np.asarray(track["face_found"], bool)]):
+            raise GltfExportError(f"frame {frame} is not a frame of the take with a face")
+        numbers = [int(frame)]
+    else:
+        numbers = [int(n) for n in index[key_frames(track)]]
+    paths = [folder / f"{n:06d}.png" for n in numbers]
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
+        raise GltfExportError(f"no detail map in {folder} for " +
+                              (f"frame {frame}" if frame is not None else "the take's frames with a face"))
+    if len(paths) > MAX_DETAIL_MAPS:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, MAX_DETAIL_MAPS).round().astype(int)]
+    maps = []
+    for path in paths:
+        code = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if code is None or code.dtype != np.uint16 or code.ndim != 2 or code.shape[0] != code.shape[1]:
+            raise GltfExportError(f"{path} is not a 16-bit square displacement map")
+        if maps and code.shape != maps[0].shape:
+            raise GltfExportError(f"{path} is {code.shape[0]} px, the take's other maps {maps[0].shape[0]} px")
+        maps.append(code)
+    return decode_displacement(np.median(np.stack(maps), axis=0), scale_mm)
+
+
+def normal_texture_png(face_uv: FaceUV, vertices_cm: np.ndarray, detail_mm: np.ndarray) -> bytes:
+    """The tangent-space normal map (engine.detail.tangent_normal_map) of detail_mm (R, R) on the
+    surface vertices_cm (V, 3), as 8-bit RGB PNG bytes, rgb = (n + 1) / 2."""
+    import cv2
+
+    geometry = texel_geometry(face_uv, vertices_cm)
+    normals = tangent_normal_map(geometry["Pu"], geometry["Pv"], detail_mm, face_uv.mask)
+    rgb = np.clip(np.round((normals + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise GltfExportError("cannot encode the normal texture")
+    return data.tobytes()
 
 
 def quaternions_xyzw(rotations: np.ndarray) -> np.ndarray:
@@ -272,6 +374,43 @@ class GlbBuilder:
                          struct.pack("<II", len(blob), _CHUNK_BIN), blob])
 
 
+def _detail_parts(b: GlbBuilder, model: FaceModel, base_cm: np.ndarray, base_normals: np.ndarray,
+                  attributes: dict, detail_mm: np.ndarray) -> tuple[list[dict], dict]:
+    """The face skin (with UVs, tangents and the normal texture) and the rest of the head as two
+    primitives over the same vertices, and the glTF arrays their materials need."""
+    detail_mm = np.asarray(detail_mm, np.float32)
+    if detail_mm.ndim != 2 or detail_mm.shape[0] != detail_mm.shape[1] or not np.isfinite(detail_mm).all():
+        raise GltfExportError(f"the detail map must be a finite square (R, R) array, got shape {detail_mm.shape}")
+    face_uv = FaceUV.from_model(model, resolution=detail_mm.shape[0])
+    on_face = np.asarray(model.material_mask(FACE_MATERIAL), bool)
+    vertex_uv = np.nan_to_num(face_uv.vertex_uv, nan=0.0)
+    texcoord = np.stack([vertex_uv[:, 0], 1.0 - vertex_uv[:, 1]], axis=1)
+    tangents = np.tile(np.float32([1.0, 0.0, 0.0, 1.0]), (model.n_vertices, 1))
+    skin = np.unique(face_uv.triangles)
+    tangents[skin] = vertex_tangents(base_cm, face_uv.triangles, vertex_uv, base_normals)[skin]
+    png = normal_texture_png(face_uv, base_cm, detail_mm)
+    skin_attributes = dict(attributes, TEXCOORD_0=b.accessor(texcoord, _FLOAT, "VEC2", _ARRAY_BUFFER),
+                           TANGENT=b.accessor(tangents, _FLOAT, "VEC4", _ARRAY_BUFFER))
+    parts = [
+        {"attributes": skin_attributes, "material": 0,
+         "indices": b.accessor(model.triangles[on_face].astype(np.uint32), _UNSIGNED_INT, "SCALAR",
+                               _ELEMENT_ARRAY_BUFFER)},
+        {"attributes": attributes, "material": 1,
+         "indices": b.accessor(model.triangles[~on_face].astype(np.uint32), _UNSIGNED_INT, "SCALAR",
+                               _ELEMENT_ARRAY_BUFFER)},
+    ]
+    textured = {
+        "materials": [{"name": "Skin", "pbrMetallicRoughness": dict(_SKIN), "normalTexture": {"index": 0}},
+                      {"name": "Head", "pbrMetallicRoughness": dict(_SKIN)}],
+        "textures": [{"sampler": 0, "source": 0}],
+        "samplers": [{"magFilter": _LINEAR, "minFilter": _LINEAR_MIPMAP_LINEAR,
+                      "wrapS": _CLAMP_TO_EDGE, "wrapT": _CLAMP_TO_EDGE}],
+        "images": [{"name": "detail_normals", "mimeType": "image/png",
+                    "bufferView": b.view(np.frombuffer(png, np.uint8))}],
+    }
+    return parts, textured
+
+
 def _min_max(rows: np.ndarray) -> dict:
     """Per-component min and max, as the exact values stored (float32 -> float is exact)."""
     if rows.dtype.kind == "f":
@@ -285,13 +424,15 @@ def _min_max(rows: np.ndarray) -> dict:
 
 
 def export_gltf(track: dict, model: FaceModel, out_path, progress: Progress | None = None,
-                sparse_targets: bool = True) -> Path:
+                sparse_targets: bool = True, detail_mm: np.ndarray | None = None) -> Path:
     """Writes the take as a .glb at out_path (atomically: temp file, then rename); returns the path.
 
     track: the arrays of a track.npz (capture.sinks.load_track); model: the
     face model the take was made with. progress(done, total) is called as
     the morph targets are encoded and when the file is written.
     sparse_targets=False writes dense morph deltas (for comparison; larger).
+    detail_mm: a displacement map (R, R) mm in the face's UV layout (take_detail_mm) to include as
+    the face skin's normal texture; None: no texture, one primitive.
     Raises GltfExportError when the track has no frame with a face or does
     not match the model.
     """
@@ -307,10 +448,19 @@ def export_gltf(track: dict, model: FaceModel, out_path, progress: Progress | No
     report = progress or (lambda done, total: None)
 
     b = GlbBuilder()
-    base_m = (model.vertices(identity) / CM_PER_M).astype(np.float32)
+    base_cm = model.vertices(identity)
+    base_m = (base_cm / CM_PER_M).astype(np.float32)
+    base_normals = vertex_normals(base_m, model.triangles)
     position = b.accessor(base_m, _FLOAT, "VEC3", _ARRAY_BUFFER, min_max=True)
-    normal = b.accessor(vertex_normals(base_m, model.triangles), _FLOAT, "VEC3", _ARRAY_BUFFER)
-    indices = b.accessor(model.triangles.astype(np.uint32), _UNSIGNED_INT, "SCALAR", _ELEMENT_ARRAY_BUFFER)
+    normal = b.accessor(base_normals, _FLOAT, "VEC3", _ARRAY_BUFFER)
+    attributes = {"POSITION": position, "NORMAL": normal}
+    if detail_mm is None:
+        parts = [{"attributes": attributes,
+                  "indices": b.accessor(model.triangles.astype(np.uint32), _UNSIGNED_INT, "SCALAR",
+                                        _ELEMENT_ARRAY_BUFFER)}]
+        textured = {}
+    else:
+        parts, textured = _detail_parts(b, model, base_cm, base_normals, attributes, detail_mm)
     report(1, total)
 
     deltas_m = arkit_morph_targets_m(model)
@@ -358,13 +508,13 @@ def export_gltf(track: dict, model: FaceModel, out_path, progress: Progress | No
         "nodes": nodes,
         "meshes": [{
             "name": "Face",
-            "primitives": [{"attributes": {"POSITION": position, "NORMAL": normal}, "indices": indices,
-                            "mode": _TRIANGLES, "targets": targets,
-                            "extras": {"targetNames": target_names}}],
+            "primitives": [dict(part, mode=_TRIANGLES, targets=targets, extras={"targetNames": target_names})
+                           for part in parts],
             "weights": [0.0] * n_targets,
             "extras": {"targetNames": target_names},
         }],
         "animations": [{"name": "take", "samplers": samplers, "channels": channels}],
+        **textured,
     }
     camera = camera_perspective(track.get("camera_matrix", np.full((3, 3), np.nan)),
                                 track.get("image_size", (0, 0)))

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pygltflib
 import pytest
 import torch
 
@@ -87,6 +88,25 @@ def test_video_with_detail_writes_maps_and_detailed_meshes(tmp_path, capsys, sma
         verts, tris = read_obj(out / "meshes" / f"{i:06d}.obj")
         assert len(verts) == model.n_vertices + rt.detail_mesh.n_vertices - 9409
         assert np.array_equal(tris, rt.triangles)
+    # the take's detail goes into its glTF as the face's normal texture
+    code = cli.main(["export", str(out), "--detail", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    doc = pygltflib.GLTF2().load(str(out / "take.glb"))
+    assert [p.material for p in doc.meshes[0].primitives] == [0, 1] and len(doc.images) == 1
+    assert doc.materials[0].normalTexture.index == 0
+
+
+def test_export_detail_of_a_take_without_it_is_one_line(tmp_path, capsys, model):
+    from capture.sinks import TrackWriter
+    with TrackWriter(tmp_path / "track.npz", np.eye(3), (64, 64), fps=25.0) as writer:
+        writer.add(0, 0.0, True, blendshapes=np.zeros(52), expression=np.zeros(model.n_expression),
+                   rotation=np.eye(3), translation=np.array([0.0, 0.0, 50.0]))
+    for argv, words in ((["--detail"], "the take has no detail maps (record it with --detail)"),
+                        (["--detail-frame", "0"], "--detail-frame needs --detail")):
+        code = cli.main(["export", str(tmp_path), "--quiet", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1 and words in err[0], err
+        assert not (tmp_path / "take.glb").exists()
 
 
 def test_detail_without_weights_is_one_line(tmp_path, capsys):

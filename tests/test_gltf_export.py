@@ -23,9 +23,13 @@ import trimesh
 from capture.gltf_export import (
     GltfExportError,
     export_gltf,
+    key_frames,
     key_times_s,
     quaternions_xyzw,
+    take_detail_mm,
+    take_identity,
 )
+from capture.sinks import DetailMapWriter
 from engine.arkit import ARKIT_NAMES, arkit_from_model
 from engine.pose import FRONTAL, model_to_camera, rodrigues
 
@@ -375,7 +379,9 @@ def _validate(path: Path) -> dict:
 
 @pytest.mark.skipif(_validator() is None, reason="needs node and the npm package gltf-validator in "
                     "tests/node_modules (npm install --prefix tests gltf-validator) or $GLTF_VALIDATOR")
-def test_khronos_validator_finds_no_errors(glb, tmp_path):
+@pytest.mark.parametrize("variant", ["plain", "detail"])
+def test_khronos_validator_finds_no_errors(glb, detailed, variant, tmp_path):
+    glb = detailed["glb"] if variant == "detail" else glb
     report = _validate(glb.path)
     issues = report["issues"]
     print(f"gltf-validator {report['validatorVersion']}: {issues['numErrors']} errors, "
@@ -403,3 +409,124 @@ def _with_json(data: bytes, edit) -> bytes:
     rest = data[20 + json_len:]
     return struct.pack("<III", 0x46546C67, 2, 20 + len(text) + len(rest)) + \
         struct.pack("<II", len(text), 0x4E4F534A) + text + rest
+
+
+# ----------------------------------------------------------------------------
+# Skin detail as a normal texture
+# ----------------------------------------------------------------------------
+
+DETAIL_PX = 128
+
+
+def ripples_mm(resolution: int = DETAIL_PX) -> np.ndarray:
+    """A displacement map sloped along both u and v (0.3 mm ripples across v, 0.2 mm along u)."""
+    rows, cols = np.mgrid[:resolution, :resolution]
+    return (0.3 * np.sin(rows / 2.0) + 0.2 * np.cos(cols / 2.5)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def detailed(model, track, tmp_path_factory) -> dict:
+    path = export_gltf(track, model, tmp_path_factory.mktemp("detail") / "take.glb", detail_mm=ripples_mm())
+    return {"glb": Glb(path), "detail_mm": ripples_mm()}
+
+
+def _texture_rgb(glb: Glb) -> np.ndarray:
+    import cv2
+    (image,) = glb.gltf.images
+    assert image.mimeType == "image/png"
+    view = glb.gltf.bufferViews[image.bufferView]
+    data = glb.blob[view.byteOffset:view.byteOffset + view.byteLength]
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+
+
+def test_detail_splits_the_head_into_skin_with_a_normal_texture_and_the_rest(detailed, glb, model):
+    doc = detailed["glb"].gltf
+    skin, rest = doc.meshes[0].primitives
+    assert doc.materials[skin.material].normalTexture.index == 0
+    assert doc.materials[rest.material].normalTexture is None
+    assert doc.textures[0].source == 0 and _texture_rgb(detailed["glb"]).shape == (DETAIL_PX, DETAIL_PX, 3)
+    tri = [detailed["glb"].accessor(p.indices).reshape(-1, 3) for p in (skin, rest)]
+    on_face = model.material_mask("M_Face")
+    assert np.array_equal(tri[0], model.triangles[on_face]) and np.array_equal(tri[1], model.triangles[~on_face])
+    # both primitives share the vertices and the morph targets of the plain export
+    for p in (skin, rest):
+        assert p.attributes.POSITION == skin.attributes.POSITION and p.targets == skin.targets
+        assert p.extras["targetNames"] == list(ARKIT_NAMES)
+    np.testing.assert_array_equal(detailed["glb"].accessor(skin.attributes.POSITION),
+                                  glb.accessor(glb.gltf.meshes[0].primitives[0].attributes.POSITION))
+    tangent = detailed["glb"].accessor(skin.attributes.TANGENT)
+    normal = detailed["glb"].accessor(skin.attributes.NORMAL)
+    np.testing.assert_allclose(np.linalg.norm(tangent[:, :3], axis=1), 1.0, atol=1e-5)
+    assert set(np.unique(tangent[:, 3])) <= {-1.0, 1.0}
+    skin_vertices = np.unique(tri[0])
+    assert np.abs((tangent[skin_vertices, :3] * normal[skin_vertices]).sum(axis=1)).max() < 1e-5
+    texcoord = detailed["glb"].accessor(skin.attributes.TEXCOORD_0)
+    face_uv = model.uv[model.triangle_uv[on_face].ravel()]
+    np.testing.assert_allclose(texcoord[model.triangles[on_face].ravel()],
+                               np.stack([face_uv[:, 0], 1.0 - face_uv[:, 1]], axis=1), atol=1e-6)
+
+
+def test_normal_texture_decoded_as_gltf_says_gives_the_displaced_surface_normals(detailed, model, track):
+    """A renderer's normal, n = x T + y B + z N with B = cross(N, T) w (glTF's rule) from the file's
+    NORMAL, TANGENT, TEXCOORD_0 and texture, is the displaced surface's normal (engine.detail); read
+    with its green channel flipped (the other common convention) or without the texture, it is not."""
+    from engine.detail import displaced_normals, texel_geometry
+    from engine.uvmap import FaceUV
+
+    g = detailed["glb"]
+    attributes = g.gltf.meshes[0].primitives[0].attributes
+    face_uv = FaceUV.from_model(model, DETAIL_PX)
+    ids, bary = face_uv.texel_corners()
+
+    def at_texels(values):
+        return (values[ids] * bary[..., None]).sum(axis=1)
+
+    tangent = g.accessor(attributes.TANGENT).astype(np.float64)
+    n = at_texels(g.accessor(attributes.NORMAL).astype(np.float64))
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    t = at_texels(tangent[:, :3])
+    t -= (t * n).sum(axis=1, keepdims=True) * n
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    b = np.cross(n, t) * tangent[ids[:, 0], 3:]
+    st = at_texels(g.accessor(attributes.TEXCOORD_0).astype(np.float64))
+    col, row = np.round(st[:, 0] * DETAIL_PX - 0.5).astype(int), np.round(st[:, 1] * DETAIL_PX - 0.5).astype(int)
+    rgb = _texture_rgb(g)[row, col] / 255.0 * 2.0 - 1.0
+
+    geometry = texel_geometry(face_uv, model.vertices(take_identity(track, model, key_frames(track))))
+    truth = displaced_normals(geometry["normals"], geometry["Pu"], geometry["Pv"],
+                              detailed["detail_mm"] / 10.0)[face_uv.mask]
+
+    def error_deg(c):
+        rendered = c[:, :1] * t + c[:, 1:2] * b + c[:, 2:] * n
+        rendered /= np.linalg.norm(rendered, axis=1, keepdims=True)
+        return np.degrees(np.arccos(np.clip((rendered * truth).sum(axis=1), -1.0, 1.0)))
+
+    good = error_deg(rgb)
+    assert np.median(good) < 0.6 and np.percentile(good, 95) < 3.0, (np.median(good), np.percentile(good, 95))
+    flipped = error_deg(rgb * [1.0, -1.0, 1.0])
+    flat = error_deg(np.tile([0.0, 0.0, 1.0], (len(rgb), 1)))
+    assert np.median(flipped) > 5 * np.median(good) and np.median(flat) > 5 * np.median(good)
+
+
+def test_take_detail_is_the_median_of_the_take_maps_or_one_frame(track, tmp_path):
+    frames = [int(f) for f in track["frame_index"][key_frames(track)]]
+    writer = DetailMapWriter(tmp_path / "detail", tmp_path / "detail_normals", scale_mm=2.0)
+    flat = np.zeros((16, 16, 3), np.float32)
+    levels = np.linspace(-0.5, 0.7, len(frames))
+    for number, level in zip(frames, levels):
+        writer.write(number, np.full((16, 16), level, np.float32), flat)
+    track = dict(track, detail_scale_mm=np.float64(2.0))
+    np.testing.assert_allclose(take_detail_mm(tmp_path, track), np.median(levels), atol=1e-4)
+    np.testing.assert_allclose(take_detail_mm(tmp_path, track, frame=frames[1]), levels[1], atol=1e-4)
+    with pytest.raises(GltfExportError, match=f"frame {NO_FACE} is not a frame of the take with a face"):
+        take_detail_mm(tmp_path, track, frame=NO_FACE)
+    with pytest.raises(GltfExportError, match="no detail maps"):
+        take_detail_mm(tmp_path, dict(track, detail_scale_mm=np.float64(np.nan)))
+    with pytest.raises(GltfExportError, match="no detail maps"):
+        take_detail_mm(tmp_path / "elsewhere", track)
+
+
+def test_a_detail_map_that_is_not_square_is_an_error(model, track, tmp_path):
+    with pytest.raises(GltfExportError, match="square"):
+        export_gltf(track, model, tmp_path / "x.glb", detail_mm=np.zeros((8, 16), np.float32))
+    assert not (tmp_path / "x.glb").exists()
