@@ -11,7 +11,7 @@ from engine.uvmap import FaceUV
 from trainers.fine_data import read_samples, synthetic_samples, write_samples
 from trainers.synthesis import SynthesisAssets
 from trainers.train_coarse import ConfigError
-from trainers.train_fine import load_config, train
+from trainers.train_fine import load_config, supervised_loss, train
 
 TINY = {"model": {"map_px": 64}, "train": {"steps": 4, "batch_real": 0, "batch_synthetic": 2, "val_every": 2,
                                            "checkpoint_every": 2, "log_every": 1, "threads": 1},
@@ -37,6 +37,19 @@ def test_config_errors():
         load_config({"train": {"steps": 0}})
     with pytest.raises(ConfigError, match="batch_real"):
         load_config({"train": {"batch_real": 0, "batch_synthetic": 0}})
+
+
+def test_supervised_loss_is_the_mean_square_over_visible_texels_with_known_truth():
+    truth = torch.zeros(2, 4, 4)
+    truth[0, 1, 1] = 0.5
+    truth[1] = float("nan")                                  # a real frame: no truth, no term
+    visible = torch.ones(2, 4, 4)
+    visible[0, 3] = 0.0                                      # a hidden row does not count either
+    d = torch.full((2, 4, 4), 0.1)
+    d[0, 3] = 9.0
+    expected = (11 * 0.1 ** 2 + 0.4 ** 2) / 12
+    assert float(supervised_loss(d, truth, visible)) == pytest.approx(expected, rel=1e-6)
+    assert float(supervised_loss(torch.nan_to_num(truth), truth, visible)) == 0.0
 
 
 def test_samples_round_trip(tiny_data):

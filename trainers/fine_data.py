@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="writes OUT/{train,heldout,synthetic_train,synthetic_heldout}")
     ap.add_argument("--videos", type=Path, nargs="*", help=f"default: every video in {DEFAULT_VIDEO_DIR}")
     ap.add_argument("--pairs-per-video", type=int, default=60)
-    ap.add_argument("--synthetic", type=int, default=120, help="synthetic training faces")
+    ap.add_argument("--synthetic", type=int, default=600, help="synthetic training faces")
     ap.add_argument("--synthetic-heldout", type=int, default=40, help="synthetic held-out faces (other seeds)")
     ap.add_argument("--map-px", type=int, default=256)
     args = ap.parse_args(argv)

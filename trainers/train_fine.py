@@ -9,8 +9,9 @@ DATA_DIR/synthetic_train and DATA_DIR/synthetic_heldout).
 Every step: batch_real pairs of consecutive real frames and batch_synthetic synthetic faces go through
 FineNet; the loss (trainers.detail_loss) is the photometric term on every frame, the smoothness and
 magnitude priors, the temporal term between each pair's two maps (warped by the DIS optical flow
-between their unwrapped colour), and, only if [loss] supervised > 0, an L1 term against the synthetic
-faces' known detail (0 by default: the synthetic faces then only check what the loss recovers).
+between their unwrapped colour), and, where [loss] supervised > 0 (trainers/configs/fine.toml: 50), a
+squared-error term (mm², supervised_loss) against the synthetic faces' known detail; at 0 the synthetic
+faces only go through the photometric terms.
 Batches are a pure function of the step (seeded permutations), so --resume continues exactly.
 
 Validation every val_every steps on the held-out sets (`evaluate`): photometric error with and
@@ -139,6 +140,15 @@ def frame_losses(d_mm: torch.Tensor, b: dict, mask: torch.Tensor, lc: dict) -> d
             "smoothness": smoothness_prior(d_mm, mask), "magnitude": magnitude_prior(d_mm, mask)}
 
 
+def supervised_loss(d_mm: torch.Tensor, truth_mm: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, mm², of maps d_mm (B, R, R) against known detail over the visible texels.
+
+    Squared, not absolute: most texels of a synthetic face are flat, and an L1 term's optimum where a
+    wrinkle's place is not yet certain is the flat map (the median), which stalls the net there."""
+    seen = visible * torch.isfinite(truth_mm)
+    return ((d_mm - torch.nan_to_num(truth_mm)) ** 2 * seen).sum() / seen.sum().clamp_min(1)
+
+
 def predict(net: FineNet, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """(B, R, R) maps, mm, in eval mode without gradients."""
     net.eval()
@@ -250,7 +260,7 @@ def train(config: str | Path | dict | None, data_dir: str | Path, out_dir: str |
             d = net(b["x"])[:, 0]
             parts.append(frame_losses(d, b, mask, lc))
             seen = b["visible"] * torch.isfinite(b["truth_mm"])
-            terms["supervised"] = ((d - torch.nan_to_num(b["truth_mm"])).abs() * seen).sum() / seen.sum().clamp_min(1)
+            terms["supervised"] = supervised_loss(d, b["truth_mm"], b["visible"])
         for key in ("photometric", "smoothness", "magnitude"):
             terms[key] = torch.cat([p[key] for p in parts]).mean()
         loss = sum(float(lc[k]) * v for k, v in terms.items())
