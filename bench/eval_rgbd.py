@@ -24,7 +24,8 @@
 
 Every figure is a median over frames unless said; p95 beside it.
 
-    python bench/eval_rgbd.py [--clips 6] [--frames 90] [--seed 31] [--engine coarse|fit] [--json OUT]
+    python bench/eval_rgbd.py [--clips 6] [--frames 90] [--seed 31] [--engine coarse|fit] [--depth-set NAME=VALUE]
+                              [--json OUT]
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -51,7 +53,7 @@ from capture.sources import RGBDFolderSource, RGBDTakeWriter  # noqa: E402
 from engine.coarse_fitting import runtime_for  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
 from engine.depth import DepthCalibration, denoise_depth, register_depth  # noqa: E402
-from engine.depth_fit import depth_residual_mm, front_face_vertices  # noqa: E402
+from engine.depth_fit import DepthSettings, depth_residual_mm, front_face_vertices  # noqa: E402
 from engine.facemodel import FaceModel  # noqa: E402
 from engine.fitting import FitResult  # noqa: E402
 from trainers.clips import ClipConfig, clip_rng, render_clip  # noqa: E402
@@ -211,6 +213,19 @@ def print_report(res: dict) -> None:
     print(f"run time {res['runtime_s']:.0f} s (rendering {res['render_s']:.0f} s)")
 
 
+def depth_settings(changes: list[str]) -> DepthSettings:
+    """DepthSettings with NAME=VALUE changes, each value read as its field's default's type."""
+    base = DepthSettings()
+    values = {}
+    for change in changes:
+        name, sep, text = change.partition("=")
+        if not sep or not hasattr(base, name):
+            raise ValueError(f"--depth-set {change!r}: expected NAME=VALUE with NAME a DepthSettings field")
+        kind = type(getattr(base, name))
+        values[name] = text.lower() in ("1", "true", "yes", "on") if kind is bool else kind(text)
+    return replace(base, **values)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("coarse", "fit"), default="coarse")
@@ -220,8 +235,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"take cache (default {DEFAULT_CACHE})")
     ap.add_argument("--one-core", action=argparse.BooleanOptionalAction, default=True,
                     help="pin to one CPU, as the time targets are stated (default on)")
+    ap.add_argument("--depth-set", action="append", default=[], metavar="NAME=VALUE",
+                    help="change one engine.depth_fit.DepthSettings field for this run (repeatable; development runs)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = ap.parse_args(argv)
+    try:
+        depth = depth_settings(args.depth_set)
+    except ValueError as e:
+        ap.error(str(e))
     if args.clips < 1 or args.frames < 15:
         ap.error("--clips must be at least 1 and --frames at least 15")
     if not BIWI.is_dir():
@@ -232,7 +253,8 @@ def main(argv=None) -> int:
     model, corr = FaceModel.load(), LandmarkCorrespondence.load()
     folders = ensure_rgbd_clips(args.cache, args.clips, args.frames, args.seed, model, corr)
     render_s = time.perf_counter() - t_start
-    capture = FaceCapture(model, corr, CaptureSettings(engine=args.engine, coarse_runtime=runtime_for(None)))
+    capture = FaceCapture(model, corr, CaptureSettings(engine=args.engine, coarse_runtime=runtime_for(None),
+                                                       depth=depth))
     try:
         res = {"config": vars(args) | {"cache": str(args.cache), "json": str(args.json)},
                "clips": score_clips(capture, folders, model), "biwi": score_biwi(capture)}
