@@ -7,11 +7,13 @@ along v under the frame's fitted light: the network integrates slopes rather tha
 
 Output (B, 1, R, R): displacement in mm, config.max_mm · tanh(·), negative into the skin.
 
-A small U-Net in plain torch (no torchvision): a strided stem to R/2, two more strided stages to
-R/8, then back up with bilinear upsampling and additive skips to R/2, where a 1x1 convolution leaves
-HEAD_CHANNELS features; upsampled to R and beside the input itself, one 3x3 convolution gives the map
-(fine detail needs the full resolution, and the input is the only full-resolution feature that is cheap). Depthwise-separable convolutions past the stem keep it near a few
-milliseconds on one core in ONNX Runtime (bench/bench_finenet.py). BatchNorm is folded on export.
+A small U-Net in plain torch (no torchvision): a strided stem to R/2, three more strided stages to
+R/16, then back up with bilinear upsampling and additive skips to R/2, where one 3x3 convolution gives
+each R/2 cell's 2x2 texels (pixel shuffle): the full-resolution detail comes through the stem, which
+reads the input at R. A last convolution at R with one output channel took half of the net's time in
+ONNX Runtime (its blocked layout pads the channel eightfold) for no gain in accuracy. Depthwise-separable
+convolutions past the stem keep it under 2 ms on one core in ONNX Runtime (bench/eval_detail.py).
+BatchNorm is folded on export.
 """
 from __future__ import annotations
 
@@ -27,8 +29,7 @@ from torch import nn
 from engine.fine_runtime import IN_CHANNELS
 from engine.runtime import with_config
 from engine.uvmap import DETAIL_MAP_PX
-#: Features carried up to the full resolution, where one 3x3 convolution reads them beside the input.
-HEAD_CHANNELS = 4
+
 ONNX_OPSET = 17
 
 
@@ -64,10 +65,9 @@ class FineNet(nn.Module):
         self.context = _separable(w[3], w[3])
         self.lateral = nn.ModuleList([nn.Conv2d(w[i + 1], w[i], 1) for i in range(3)])
         self.up = nn.ModuleList([_separable(w[i], w[i]) for i in range(3)])
-        self.head = nn.Conv2d(w[0], HEAD_CHANNELS, 1)
-        self.full = nn.Conv2d(HEAD_CHANNELS + IN_CHANNELS, 1, 3, padding=1)    # at R, with the input itself
-        nn.init.zeros_(self.full.weight)
-        nn.init.zeros_(self.full.bias)
+        self.head = nn.Conv2d(w[0], 4, 3, padding=1)        # at R/2: the 2x2 texels of each cell
+        nn.init.zeros_(self.head.weight)                    # untrained: no detail
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = [self.stem(x)]
@@ -77,8 +77,7 @@ class FineNet(nn.Module):
         for i in (2, 1, 0):
             y = F.interpolate(self.lateral[i](y), scale_factor=2.0, mode="bilinear", align_corners=False)
             y = self.up[i](y + skips[i])
-        y = F.interpolate(self.head(y), scale_factor=2.0, mode="bilinear", align_corners=False)
-        return self.config.max_mm * torch.tanh(self.full(torch.cat([y, x], dim=1)))
+        return self.config.max_mm * torch.tanh(F.pixel_shuffle(self.head(y), 2))
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
