@@ -24,8 +24,8 @@
 
 Every figure is a median over frames unless said; p95 beside it.
 
-    python bench/eval_rgbd.py [--clips 6] [--frames 90] [--seed 31] [--engine coarse|fit] [--depth-set NAME=VALUE]
-                              [--json OUT]
+    python bench/eval_rgbd.py [--clips 6] [--frames 90] [--seed 31] [--engine coarse|fit] [--weights W]
+                              [--depth-set NAME=VALUE] [--json OUT]
 """
 from __future__ import annotations
 
@@ -235,6 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"take cache (default {DEFAULT_CACHE})")
     ap.add_argument("--one-core", action=argparse.BooleanOptionalAction, default=True,
                     help="pin to one CPU, as the time targets are stated (default on)")
+    ap.add_argument("--weights", type=Path, default=None, help="CoarseNet weights (.onnx or .pt; default: shipped)")
     ap.add_argument("--depth-set", action="append", default=[], metavar="NAME=VALUE",
                     help="change one engine.depth_fit.DepthSettings field for this run (repeatable; development runs)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
@@ -253,8 +254,8 @@ def main(argv=None) -> int:
     model, corr = FaceModel.load(), LandmarkCorrespondence.load()
     folders = ensure_rgbd_clips(args.cache, args.clips, args.frames, args.seed, model, corr)
     render_s = time.perf_counter() - t_start
-    capture = FaceCapture(model, corr, CaptureSettings(engine=args.engine, coarse_runtime=runtime_for(None),
-                                                       depth=depth))
+    capture = FaceCapture(model, corr, CaptureSettings(engine=args.engine, coarse_weights=args.weights,
+                                                       coarse_runtime=runtime_for(args.weights), depth=depth))
     try:
         res = {"config": vars(args) | {"cache": str(args.cache), "json": str(args.json)},
                "clips": score_clips(capture, folders, model), "biwi": score_biwi(capture)}

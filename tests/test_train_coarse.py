@@ -323,3 +323,34 @@ def test_landmark_dropout_must_be_a_share():
     for bad in (1.5, -0.1, True, "half"):
         with pytest.raises(ValueError, match="landmark_dropout"):
             tc.load_config({"train": {"landmark_dropout": bad}})
+
+
+def test_depth_term_is_small_at_the_truth_and_grows_with_a_wrong_depth(batch, shard_dir, model, corr):
+    """E_geo against the simulated depth camera: the true mesh sits within the sensor's noise (a few
+    tenths of a millimetre of Huber mean), a mesh 1 cm too far does not (the Huber loss grows linearly)."""
+    from trainers.selfsup import SelfSupGeometry
+
+    ncfg = CoarseNetConfig(**TINY_MODEL)
+    geom = SelfSupGeometry(model, corr, n_identity=ncfg.n_identity)
+    truth = truth_as_prediction(batch, ncfg)
+    raw = tc.load_shards(shard_dir / "train")["image"]
+    at_truth = tc.synthetic_depth_loss(truth, batch, raw, geom, S, np.random.default_rng(0)).item()
+    far = dict(truth, translation=truth["translation"] + torch.tensor([0.0, 0.0, 1.0]))
+    too_far = tc.synthetic_depth_loss(far, batch, raw, geom, S, np.random.default_rng(0)).item()
+    assert 0.0 < at_truth < 0.05, at_truth          # cm: the sensor's own noise
+    assert too_far > 10 * at_truth, (at_truth, too_far)
+
+
+def test_depth_section_defaults_off_and_is_checked(shard_dir, model, corr, tmp_path):
+    assert tc.load_config(None)["depth"]["weight"] == 0.0
+    with pytest.raises(tc.ConfigError):
+        tc.load_config({"depth": {"weight": -1.0}})
+    with pytest.raises(tc.ConfigError):
+        tc.load_config({"depth": {"noise": 1.0}})
+    cfg = tiny_config(shard_dir, 2)
+    cfg["depth"] = {"weight": 0.5}
+    kw = {"face_model": model, "correspondence": corr, "progress": False, "export": False}
+    tc.train(cfg, tmp_path / "a", **kw)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    depth = [r["depth"] for r in records if "loss" in r]
+    assert len(depth) == 2 and all(np.isfinite(d) and d > 0 for d in depth)

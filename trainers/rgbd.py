@@ -81,3 +81,17 @@ def kinect_depth(depth_mm: np.ndarray, cos_view: np.ndarray, image_rgb: np.ndarr
     drop = rng.random(z.shape) < noise.dropout
     keep = valid & ~near_edge & ~dark & ~drop
     return np.where(keep, np.clip(np.rint(out), 0, 65535), 0).astype(np.uint16)
+
+
+def sensor_depth_batch(vertices_cam_cm: np.ndarray, triangles: np.ndarray, K: np.ndarray, size_px: int,
+                       images_rgb: np.ndarray, rng: np.random.Generator, background_mm: float = 1500.0,
+                       noise: DepthNoise = DepthNoise()) -> np.ndarray:
+    """(B, S, S) uint16 mm: what the Kinect-like camera would measure of each mesh in its crop, a wall
+    background_mm behind (so the silhouettes cast projector shadows). vertices_cam_cm (B, V, 3), triangles
+    (T, 3), K (B, 3, 3) crop cameras, images_rgb (B, S, S, 3) uint8 (dark surfaces lose their depth)."""
+    out = np.empty((len(vertices_cam_cm), size_px, size_px), np.uint16)
+    for i, (v, k, image) in enumerate(zip(vertices_cam_cm, K, images_rgb)):
+        depth, cos = render_depth_mm(np.asarray(v, np.float64), triangles, np.asarray(k, np.float64),
+                                     (size_px, size_px), background_mm)
+        out[i] = kinect_depth(depth, cos, image, rng, noise)
+    return out

@@ -1,7 +1,7 @@
 """Train CoarseNet on synthetic faces (seed 002, supervised stage).
 
     python -m trainers.train_coarse --config trainers/configs/coarse.toml --out RUN_DIR \\
-        [--data SHARD_DIR] [--steps N] [--workers 2] [--resume]
+        [--data SHARD_DIR] [--steps N] [--workers 2] [--depth-weight W] [--resume]
 
 Data: shards written once by `python -m trainers.synthesis --count N --out DIR` (fast: the
 run only decodes arrays), or, without --data, samples synthesized on the fly by DataLoader
@@ -22,6 +22,12 @@ priors), weighted by the [real] weights, are added to the synthetic supervised l
 running unless real.synthetic = false). Pair batches are a pure function of the step too, so
 resume stays exact. The terms are logged as real_<term>; held-out pairs (DIR/heldout, videos
 never trained on) are scored by `evaluate_real` at every validation (records "val_real").
+
+Depth (optional, config [depth], off unless depth.weight > 0; issue 11's E_geo): each synthetic
+sample's true front face is rendered into its crop as a depth camera would measure it
+(trainers.rgbd: Kinect-like noise, quantisation, projector shadows, holes on dark surfaces), and
+trainers.selfsup.depth_loss (the predicted mesh's rendered depth against it, Huber, cm) is added
+with that weight (logged as "depth"). The noise is a pure function of (depth.seed, step).
 
 Outputs in RUN_DIR: checkpoint.pt (every `checkpoint_every` steps, written atomically),
 metrics.jsonl (train terms every `log_every` steps, validation records), and at the end
@@ -87,6 +93,11 @@ DEFAULT_CONFIG: dict = {
         "seed": 0,                     # pair batch permutation seed
         **DEFAULT_REAL_WEIGHTS,        # term weights (0 = off): landmark, photo, flow, same, prior
     },
+    "depth": {                         # E_geo on the synthetic batch against a simulated depth camera
+        "weight": 0.0,                 # 0 = off
+        "seed": 0,                     # noise stream: default_rng((seed, step))
+        "background_mm": 1500.0,       # the wall behind the face in the simulated depth
+    },
 }
 
 
@@ -140,9 +151,13 @@ def load_config(config: str | Path | dict | None) -> dict:
         raise ConfigError(f"unknown loss terms in config: {sorted(unknown)}")
     if cfg["loss"]["expression_loss"] not in EXPRESSION_LOSSES:
         raise ConfigError(f"unknown expression_loss {cfg['loss']['expression_loss']!r} (one of {EXPRESSION_LOSSES})")
-    unknown = set(cfg["real"]) - set(DEFAULT_CONFIG["real"])
-    if unknown:
-        raise ConfigError(f"unknown [real] keys in config: {sorted(unknown)}")
+    for section in ("real", "depth"):
+        unknown = set(cfg[section]) - set(DEFAULT_CONFIG[section])
+        if unknown:
+            raise ConfigError(f"unknown [{section}] keys in config: {sorted(unknown)}")
+    weight = cfg["depth"]["weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
+        raise ConfigError(f"[depth] weight must be a number >= 0, got {weight!r}")
     _check_numbers(cfg)
     return cfg
 
@@ -261,6 +276,30 @@ def input_landmarks(batch: dict[str, torch.Tensor], input_size: int, noise_px: f
         unknown = torch.from_numpy(unknown_landmarks_px(lm.shape[1], input_size)).to(lm.dtype)
         lm = torch.where(drop.reshape(-1, 1, 1), unknown.expand_as(lm), lm)
     return normalise_landmarks(lm, input_size)
+
+
+def batches_are_real_only(cfg: dict) -> bool:
+    return bool(cfg["real"]["dir"]) and not cfg["real"]["synthetic"]
+
+
+def synthetic_depth_loss(pred: dict, batch: dict[str, torch.Tensor], images_rgb: np.ndarray, geometry,
+                         size_px: int, rng: np.random.Generator, background_mm: float = 1500.0) -> torch.Tensor:
+    """E_geo on synthetic samples: the predicted front face (geometry: trainers.selfsup.SelfSupGeometry)
+    against the depth a Kinect-like camera would measure of the true one in the same crop
+    (trainers.rgbd.sensor_depth_batch). images_rgb (B, S, S, 3) uint8, the crops themselves."""
+    from trainers.rgbd import sensor_depth_batch
+    from trainers.selfsup import depth_loss
+
+    n_id = pred["identity"].shape[1]
+    expression = pred.get("expression_linear", pred["expression"])
+    with torch.no_grad():
+        v_true, _ = geometry.camera_points(batch["identity"][:, :n_id], batch["expression"], batch["rotation"],
+                                           batch["translation_cm"])
+    triangles = geometry.triangles.numpy()
+    sensor = sensor_depth_batch(v_true.numpy(), triangles, batch["K_crop"].numpy(), size_px, images_rgb, rng,
+                                background_mm)
+    v_pred, _ = geometry.camera_points(pred["identity"], expression, pred["rotation"], pred["translation"])
+    return depth_loss(v_pred, geometry.triangles, torch.from_numpy(sensor.astype(np.float32)), batch["K_crop"])
 
 
 def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -519,7 +558,14 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
         if int(rc["val_count"]):
             real_val = load_real_pairs(rc["dir"], "heldout", int(rc["val_count"]))
         selfsup_geometry = SelfSupGeometry(face_model, correspondence, n_identity=ncfg.n_identity)
-    if rc["dir"] and not rc["synthetic"]:
+    depth_weight = float(cfg["depth"]["weight"])
+    if depth_weight and batches_are_real_only(cfg):
+        raise ConfigError("[depth] weight needs the synthetic batch (real.synthetic = false reads none)")
+    if depth_weight and selfsup_geometry is None:
+        from trainers.selfsup import SelfSupGeometry
+
+        selfsup_geometry = SelfSupGeometry(face_model, correspondence, n_identity=ncfg.n_identity)
+    if batches_are_real_only(cfg):
         batches = (None for _ in range(step, total))     # real pairs only: no synthetic data is read
     elif dc["dir"]:
         source = ShardBatches(load_shards(dc["dir"]), B, seed)
@@ -584,6 +630,12 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
             if batch is not None:
                 pred = decode(params[:n_syn], b["K_crop"], ncfg)
                 loss, terms = coarse_loss(pred, b, geometry, ncfg, cfg["loss"])
+                if depth_weight:
+                    terms["depth"] = synthetic_depth_loss(pred, b, batch["image"], selfsup_geometry, S,
+                                                          np.random.default_rng((int(cfg["depth"]["seed"]), step)),
+                                                          float(cfg["depth"]["background_mm"]))
+                    loss = loss + depth_weight * terms["depth"]
+                    terms["depth"] = terms["depth"].detach()
             if real_source is not None:
                 pred_real = decode(params[n_syn:], rb["K_crop"], ncfg)
                 real_loss, real_terms = selfsup_loss(pred_real, rb, selfsup_geometry, real_weights,
@@ -635,6 +687,7 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--data", type=Path, help="folder of trainers.synthesis shards (default: synthesize on the fly)")
     ap.add_argument("--val-data", type=Path, help="folder of validation shards (distinct seed from --data)")
     ap.add_argument("--workers", type=int, help="on-the-fly synthesis processes")
+    ap.add_argument("--depth-weight", type=float, help="[depth] weight: E_geo against a simulated depth camera (0 = off)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps <= 0:
@@ -642,6 +695,8 @@ def main(argv=None, prog: str | None = None) -> int:
     if args.workers is not None and args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     cfg = load_config(args.config)
+    if args.depth_weight is not None:
+        cfg = load_config(_merge(cfg, {"depth": {"weight": args.depth_weight}}))
     if args.steps is not None:
         cfg["train"]["steps"] = args.steps
     if args.data is not None:
