@@ -44,7 +44,7 @@ from engine.fine_runtime import FineRuntime  # noqa: E402
 from engine.finenet import export_onnx, load_weights  # noqa: E402
 from engine.pose import default_camera_matrix, project  # noqa: E402
 from engine.rasterizer import rasterize  # noqa: E402
-from engine.runtime import cpu_session  # noqa: E402
+from engine.runtime import onnx_session  # noqa: E402
 from engine.uvmap import FaceUV  # noqa: E402
 from trainers.fine_data import read_samples  # noqa: E402
 from trainers.synthesis import directional_sh, shade_pixels  # noqa: E402
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     print(f"(c) frame-to-frame change: {figures['flicker_mm']:.4f} mm with the flow, "
           f"{figures['flicker_unwarped_mm']:.4f} mm without (target <= 0.05); mean |d| {figures['mean_abs_mm']:.3f} mm")
     # (d) time
-    session = cpu_session(export_onnx(net), 1, spinning=False)
+    session = onnx_session(export_onnx(net), 1, spinning=False)
     x = real.batch(np.arange(1))["x"][:1].numpy()
     for _ in range(10):
         session.run(None, {"maps": x})

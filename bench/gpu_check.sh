@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with an NVIDIA GPU, nvcc and cmake (run from the repository root):
-# builds cuda_ext, runs the CUDA tests, and times the rasterizer (numba vs CUDA). REPORT (default
-# gpu_check.txt) gets everything printed. PYTHON picks the interpreter (default python3);
-# CAPTURE_FACE_MODEL points at the face model where ../shared is not beside the project.
+# builds cuda_ext, runs the CUDA tests and the CUDA runtimes' tests (tests/test_device.py), and times the
+# rasterizer (numba vs CUDA). REPORT (default gpu_check.txt) gets everything printed. PYTHON picks the
+# interpreter (default python3); CAPTURE_FACE_MODEL points at the face model where ../shared is not beside
+# the project.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,6 +14,9 @@ REPORT=${1:-gpu_check.txt}
   cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j 8 2>&1 | tail -3
   echo "== CUDA tests"
   $PY -m pytest -q -p no:cacheprovider tests/test_rasterizer.py -k "cuda" -rs 2>&1 | tail -15
+  echo "== device choice and CUDA runtimes against the CPU"
+  $PY -c "from engine.device import choose_device; print(choose_device('auto').line())"
+  $PY -m pytest -q -p no:cacheprovider tests/test_device.py -rs 2>&1 | tail -15
   echo "== rasterizer speed"
   CAPTURE_CUDA_LIB=build/cuda_ext/libcapture_cuda.so $PY bench/bench_rasterizer.py 2>&1 | tail -6
 } 2>&1 | tee "$REPORT"

@@ -147,6 +147,10 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coarse-weights", type=Path, default=None, metavar="PATH",
                    help="CoarseNet weights for --engine coarse: .onnx (ONNX Runtime) or .pt (torch) "
                    "(default: engine/weights/coarsenet.onnx, shipped with capture)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the networks run: auto (default) and cuda take an NVIDIA GPU when ONNX Runtime's "
+                   "CUDA provider (onnxruntime-gpu) or torch with CUDA can use one, else the CPU; one line at "
+                   "start-up says which and why")
     p.add_argument("--no-small-faces", action="store_true",
                    help="skip the full-range detector that finds small, distant faces")
     p.add_argument("--blink", choices=("lids", "eyes", "fit"), default="lids",  # pipeline.BLINK_SOURCES
@@ -307,22 +311,26 @@ def _load_actor(actor: str, model):
 
 
 def _load_capture(args, static: bool, raw: bool = False):
-    """FaceCapture as the options ask; raw: no filtering and no calibration (what calibrate measures)."""
+    """FaceCapture as the options ask; raw: no filtering and no calibration (what calibrate measures).
+    Once it is built, one line says where its networks run (engine.device)."""
     from capture.pipeline import CaptureSettings, FaceCapture
     from engine.coarse_fitting import runtime_for
     from engine.correspondence import LandmarkCorrespondence
+    from engine.device import choose_device
     from engine.facemodel import FaceModel
 
     model = FaceModel.load(args.face_model)
+    device = choose_device(args.device)
     actor = "off" if raw else args.actor
     weights = args.coarse_weights
-    runtime = runtime_for(weights)
-    settings = CaptureSettings(engine=args.engine, coarse_weights=weights, coarse_runtime=runtime,
-                               focal_px=args.focal_px, filtering=not (raw or args.no_filter),
-                               small_faces=not args.no_small_faces, static=static,
-                               blink=args.blink,
+    settings = CaptureSettings(engine=args.engine, coarse_weights=weights, coarse_runtime=runtime_for(weights),
+                               device_backend=device.backend, focal_px=args.focal_px,
+                               filtering=not (raw or args.no_filter), small_faces=not args.no_small_faces,
+                               static=static, blink=args.blink,
                                actor=_load_actor(actor, model), auto_neutral=actor == "auto")
-    return FaceCapture(model, LandmarkCorrespondence.load(), settings)
+    capture = FaceCapture(model, LandmarkCorrespondence.load(), settings)
+    print(f"capture: {device.line()}", file=sys.stderr)
+    return capture
 
 
 def _report(summary, out: Path | None) -> None:
@@ -358,7 +366,8 @@ def _load_detail(args, capture):
     from engine.fine_runtime import FineNetError, FineRuntime
 
     try:
-        return FineRuntime(capture.model, args.detail_weights)
+        return FineRuntime(capture.model, args.detail_weights,
+                           cuda=capture.settings.device_backend == "onnxruntime-cuda")
     except FineNetError as exc:
         raise CaptureError(str(exc)) from None
 

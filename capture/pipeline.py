@@ -33,6 +33,7 @@ from capture.tracking import (FOLLOW_CONFIDENCE, FOLLOW_MIN_PRESENCE, FOLLOW_PAT
 from engine.arkit import arkit_from_model
 from engine.calibration import ActorProfile, AutoNeutral
 from engine.coarse_fitting import CoarseFitter, open_runtime
+from engine.device import CPU_BACKEND, coarse_runtime_on
 from engine.contour import Landmarks68
 from engine.correspondence import LandmarkCorrespondence
 from engine.depth import backproject, write_ply_points
@@ -86,6 +87,7 @@ class CaptureSettings:
     engine: str = "coarse"
     coarse_weights: Path | None = None
     coarse_runtime: str = "onnx"
+    device_backend: str = CPU_BACKEND   # engine.device: where the networks run (choose_device(...).backend)
     coarse_refine_iterations: int = 1   # Gauss-Newton steps on CoarseNet's head pose against the landmarks
     photo_refine_iterations: int = 4    # the same for a photo: no time limit, no previous frame
     blink: str = "lids"                 # eyeBlink from: BLINK_SOURCES (eyes: engine.eyestate.EyeClosure)
@@ -157,7 +159,9 @@ class FaceCapture:
             raise ValueError("the actor profile's shapes are not this face model's expression shapes")
         self._runtime = None  # bad weights fail here, before the tracker loads
         if self.settings.engine == "coarse":  # one runtime for the whole take (photos get a fitter each)
-            self._runtime = open_runtime(self.settings.coarse_runtime, self.settings.coarse_weights)
+            kind, cuda = coarse_runtime_on(self.settings.device_backend, self.settings.coarse_runtime,
+                                           self.settings.coarse_weights is not None)
+            self._runtime = open_runtime(kind, self.settings.coarse_weights, cuda)
         # iris landmarks take no part in the lid/face fit: the eyeballs are rigid in the model
         self.basis = LandmarkBasis.from_correspondence(model, correspondence, exclude=IRIS_LANDMARKS)
         self.landmarks68 = Landmarks68(model, self.basis.identity.shape[0])

@@ -117,11 +117,11 @@ class EyeClosure:
     weights: Path = DEFAULT_WEIGHTS
 
     def __post_init__(self):
-        from engine.runtime import cpu_session
+        from engine.runtime import onnx_session
 
         if not Path(self.weights).is_file():
             raise FileNotFoundError(f"eye-state weights not found: {self.weights} (make weights builds them)")
-        self._session = cpu_session(self.weights)
+        self._session = onnx_session(self.weights)
         self._input = self._session.get_inputs()[0].name
 
     def __call__(self, image: np.ndarray, landmarks_px: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 from engine.detail import (detailed_face_triangles, detailed_vertices, displaced_normals, displaced_vertices,
                            tangent_normal_map, texel_geometry, unwrap)
 from engine.lighting import fit_sh_lighting, sh_basis_np, srgb_to_linear
-from engine.runtime import cpu_session
+from engine.runtime import onnx_session
 from engine.uvmap import DetailMesh, FaceUV
 
 #: Input channels: colour (3), lit (1), shading residual (1), shading response to slope along u and v (2).
@@ -91,15 +91,16 @@ class FineRuntime:
     """FineNet in ONNX Runtime with the face's layout: from a frame and its coarse fit to the detail.
 
     displacement(image, vertices_cam, K) -> the (R, R) map, mm; mesh_vertices places it
-    on the coarse mesh; normal_map gives a renderer's tangent-space normal texture.
+    on the coarse mesh; normal_map gives a renderer's tangent-space normal texture. cuda: the net on
+    ONNX Runtime's CUDA provider (the unwrapping and the rest stay numpy).
     """
 
-    def __init__(self, model, weights: str | Path | None = None, intra_op_threads: int = 1):
+    def __init__(self, model, weights: str | Path | None = None, intra_op_threads: int = 1, cuda: bool = False):
         path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
         if not path.is_file():
             raise FineNetError(f"FineNet weights not found at {path} (train them: make weights)")
         try:
-            self.session = cpu_session(path, intra_op_threads)
+            self.session = onnx_session(path, intra_op_threads, cuda=cuda)
             meta = self.session.get_modelmeta().custom_metadata_map
             cfg = json.loads(meta["finenet_config"])
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types

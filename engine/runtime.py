@@ -138,10 +138,12 @@ class TorchRuntime(CoarseRuntime):
         return [o.float().cpu().numpy() for o in outs]
 
 
-def cpu_session(model: str | Path | bytes, intra_op_threads: int = 1, spinning: bool = False,
-                optimization: str = "all"):
-    """An ONNX Runtime CPU InferenceSession: sequential, one inter-op thread, spinning off unless asked
-    (spinning pool threads take the CPU from the Python around them on a 2-core machine)."""
+def onnx_session(model: str | Path | bytes, intra_op_threads: int = 1, spinning: bool = False,
+                optimization: str = "all", cuda: bool = False):
+    """An ONNX Runtime InferenceSession: sequential, one inter-op thread, spinning off unless asked
+    (spinning pool threads take the CPU from the Python around them on a 2-core machine); on the CPU
+    provider, or with cuda on the CUDA provider (nodes it lacks run on the CPU), which
+    engine.device.choose_device has found usable."""
     try:
         import onnxruntime as ort
     except ImportError as exc:  # optional at import time of engine, needed here
@@ -160,11 +162,12 @@ def cpu_session(model: str | Path | bytes, intra_op_threads: int = 1, spinning: 
     so.add_session_config_entry("session.intra_op.allow_spinning", flag)
     so.add_session_config_entry("session.inter_op.allow_spinning", flag)
     src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    return ort.InferenceSession(src, sess_options=so, providers=providers)
 
 
 class OnnxRuntime(CoarseRuntime):
-    """ONNX Runtime, CPU execution provider.
+    """ONNX Runtime, CPU execution provider (cuda: the CUDA one).
 
     intra_op_threads: threads of one operator (1 = the calling thread only, no pool).
     spinning: whether pool threads busy-wait for work between operators; off by default,
@@ -174,8 +177,8 @@ class OnnxRuntime(CoarseRuntime):
     name = "onnxruntime"
 
     def __init__(self, model: str | Path | bytes, intra_op_threads: int = 1, spinning: bool = False,
-                 optimization: str = "all"):
-        self.session = cpu_session(model, intra_op_threads, spinning, optimization)
+                 optimization: str = "all", cuda: bool = False):
+        self.session = onnx_session(model, intra_op_threads, spinning, optimization, cuda)
         self.intra_op_threads, self.spinning = int(intra_op_threads), bool(spinning)
         shape = self.session.get_inputs()[0].shape  # [batch, S, S, 3]
         self.input_size = int(shape[1])

@@ -410,7 +410,7 @@ def _run(argv, capsys) -> tuple[int, str]:
 def _one_line_cli_error(code: int, err: str, *fragments: str) -> str:
     assert code == 1, err
     assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("capture: device: ")]  # start-up line
     assert len(lines) == 1 and lines[0].startswith("capture: error:"), err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

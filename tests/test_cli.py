@@ -1033,3 +1033,21 @@ def test_a_recording_that_cannot_be_written_stops_in_one_line_keeping_the_take(t
     track = np.load(out / "track.npz")                       # the take so far is finished and readable
     assert len(track["face_found"]) >= 2 and track["face_found"].all()
     assert len(list((rec / "rgb").iterdir())) == 1
+
+
+def test_the_device_is_said_in_one_line_and_cuda_falls_back_where_there_is_none(take, tmp_path):
+    """--device auto (the default) says where the networks run in one line; --device cuda on a machine
+    without a usable GPU runs on the CPU and says why, and the take is the same as the CPU's."""
+    from engine.device import choose_device
+
+    lines = [line for line in take[0].stderr.splitlines() if "device:" in line]
+    assert lines == [f"capture: {choose_device('auto').line()}"]
+    cuda = choose_device("cuda")
+    if cuda.device == "cuda":
+        pytest.skip(f"this machine has a usable GPU ({cuda.line()}); the GPU tests compare its outputs")
+    out = tmp_path / "cuda"
+    proc = _capture_take(out, "--device", "cuda", "--mesh-format", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert f"capture: {cuda.line()}" in proc.stderr.splitlines() and "not cuda:" in cuda.line()
+    a, b = load_track(take[1] / "track.npz"), load_track(out / "track.npz")
+    np.testing.assert_array_equal(a["blendshapes"], b["blendshapes"])

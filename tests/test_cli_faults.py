@@ -36,7 +36,8 @@ def _capture(*argv: str, **kwargs) -> subprocess.Popen:
 
 
 def _one_error_line(returncode: int, stderr: str) -> str:
-    lines = stderr.strip().splitlines()
+    # the start-up line saying where the networks run (engine.device) is not part of the error
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("capture: device: ")]
     assert returncode == 1 and "Traceback" not in stderr, stderr
     assert len(lines) == 1 and lines[0].startswith("capture: error: "), stderr
     return lines[0]

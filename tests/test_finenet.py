@@ -7,7 +7,7 @@ import torch
 
 from engine.fine_runtime import IN_CHANNELS
 from engine.finenet import FineNet, FineNetConfig, export_onnx, load_weights, save_weights
-from engine.runtime import cpu_session
+from engine.runtime import onnx_session
 
 
 def _trained_looking(net: FineNet) -> FineNet:
@@ -35,7 +35,7 @@ def test_output_is_bounded_and_onnx_agrees(tmp_path):
     with torch.no_grad():
         ref = net(x).numpy()
     assert np.abs(ref).max() <= 1.5 and ref.std() > 0.01
-    session = cpu_session(export_onnx(net, tmp_path / "f.onnx"))
+    session = onnx_session(export_onnx(net, tmp_path / "f.onnx"))
     out = session.run(None, {"maps": x.numpy()})[0]
     assert np.abs(out - ref).max() < 1e-4
     save_weights(net, tmp_path / "f.pt")

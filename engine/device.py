@@ -1,0 +1,105 @@
+"""Which device a take's networks run on: `--device cpu|cuda|auto` (issue 12).
+
+CUDA backends are tried in order, ONNX Runtime's CUDA execution provider (`onnxruntime-gpu`), then
+torch on CUDA; each one passed over leaves its reason, and the CPU (ONNX Runtime) always works. So
+`auto` and `cuda` choose the same way, and a machine without a usable GPU runs on the CPU with one
+line saying why. TensorRT engines are not among the backends yet: nothing in capture builds them.
+
+A cheap check comes first: without an NVIDIA device node (/dev/nvidia*) nothing is imported, so a
+CPU-only machine pays no start-up time for the question.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+DEVICES = ("auto", "cpu", "cuda")
+#: The backends, fastest first; the last is the CPU, which needs no probe.
+CUDA_BACKENDS = ("onnxruntime-cuda", "torch-cuda")
+CPU_BACKEND = "onnxruntime-cpu"
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """requested: what the user asked; backend: CUDA_BACKENDS or CPU_BACKEND; passed_over: one reason
+    per backend not taken (why not the GPU, or why not a faster GPU backend)."""
+
+    requested: str
+    backend: str
+    passed_over: tuple[str, ...] = ()
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.backend == CPU_BACKEND else "cuda"
+
+    def line(self) -> str:
+        """The one start-up line."""
+        text = f"device: {self.device} ({self.backend})"
+        if self.requested == "cpu":
+            return text + ", as asked"
+        if self.passed_over:
+            text += "; not " + "; not ".join(self.passed_over)
+        return text
+
+
+def nvidia_device_present(dev: Path = Path("/dev")) -> bool:
+    return (dev / "nvidiactl").exists() or any(dev.glob("nvidia[0-9]*"))
+
+
+def onnxruntime_cuda_problem() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here (None: it can)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime-cuda: onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime-cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu)"
+    return None
+
+
+def torch_cuda_problem() -> str | None:
+    """Why torch cannot run on CUDA here (None: it can)."""
+    try:
+        import torch
+    except ImportError:
+        return "torch-cuda: torch is not installed"
+    if not torch.cuda.is_available():
+        return "torch-cuda: torch sees no CUDA GPU (a CPU build of torch, or no driver)"
+    return None
+
+
+PROBES: dict[str, Callable[[], str | None]] = {"onnxruntime-cuda": onnxruntime_cuda_problem,
+                                               "torch-cuda": torch_cuda_problem}
+
+
+def choose_device(requested: str = "auto", probes: dict[str, Callable[[], str | None]] | None = None,
+                  gpu_present: Callable[[], bool] = nvidia_device_present) -> DeviceChoice:
+    """The backend for `requested` ("auto", "cpu" or "cuda"): the first CUDA backend whose probe finds
+    no problem, else the CPU, with the reasons. probes: backend -> callable giving its problem or None
+    (default PROBES, in CUDA_BACKENDS order)."""
+    if requested not in DEVICES:
+        raise ValueError(f"unknown device {requested!r} (choose from {', '.join(DEVICES)})")
+    if requested == "cpu":
+        return DeviceChoice(requested, CPU_BACKEND)
+    if not gpu_present():
+        return DeviceChoice(requested, CPU_BACKEND, ("cuda: no NVIDIA GPU on this machine (no /dev/nvidia*)",))
+    probes = PROBES if probes is None else probes
+    passed_over = []
+    for backend in CUDA_BACKENDS:
+        problem = probes[backend]()
+        if problem is None:
+            return DeviceChoice(requested, backend, tuple(passed_over))
+        passed_over.append(problem)
+    return DeviceChoice(requested, CPU_BACKEND, tuple(passed_over))
+
+
+def coarse_runtime_on(backend: str, kind: str, weights_given: bool) -> tuple[str, bool]:
+    """(CoarseNet runtime kind, cuda) for engine.coarse_fitting.open_runtime on a backend: ONNX weights
+    run on ONNX Runtime's CUDA provider; torch-cuda runs the shipped .pt (or the given one) on torch;
+    given weights the backend cannot read stay on the CPU."""
+    if backend == "onnxruntime-cuda":
+        return kind, kind == "onnx"
+    if backend == "torch-cuda":
+        return ("torch", True) if not weights_given else (kind, kind == "torch")
+    return kind, False
