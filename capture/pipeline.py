@@ -495,8 +495,10 @@ class TakeWriter:
         if result.face_found:
             self.csv.write(result.time_s, result.blendshapes, result.head_ypr_rad,
                            result.eyes_ypr_rad[0], result.eyes_ypr_rad[1])
-            vertices = self.capture.mesh_vertices(result)
-            if self.detail is not None and frame is not None:
+            detail = self.detail is not None and frame is not None
+            # the whole mesh costs about a millisecond: only for mesh files and the detail
+            vertices = self.capture.mesh_vertices(result) if self.meshes is not None or detail else None
+            if detail:
                 t0 = time.perf_counter()
                 displacement, geometry = self.detail.displacement(frame.image, vertices, result.camera_matrix)
                 self.detail_maps.write(result.index, displacement, self.detail.normal_map(geometry, displacement))
