@@ -129,7 +129,7 @@ def _common(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("--detail", action="store_true",
                    help="also capture the skin's detail with FineNet: detail/NNNNNN.png (16-bit displacement "
                    "maps in the face model's UV layout, scale in track.npz), detail_normals/NNNNNN.png (normal "
-                   "maps for renderers), and meshes with the face skin subdivided and displaced (about 0.1 s "
+                   "maps for renderers), and meshes with the face skin subdivided and displaced (about 60 ms "
                    "a frame more on one core; off by default)")
     p.add_argument("--detail-weights", type=Path, default=None, metavar="PATH",
                    help="FineNet weights for --detail, .onnx (default: engine/weights/finenet.onnx)")

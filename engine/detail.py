@@ -115,6 +115,18 @@ def displaced_normals(normals, Pu, Pv, displacement_cm, xp=np):
     return n / torch.linalg.vector_norm(n, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def ramp_normals(normals, Pu, Pv, slope_cm_per_uv: float) -> tuple[np.ndarray, np.ndarray]:
+    """displaced_normals for a map rising slope_cm_per_uv along u, and for one rising as much along v
+    (up), each (R, R, 3) float32: a ramp's slopes are that constant everywhere, so they are not taken
+    by differences, and the two share the rest of the work."""
+    area = np.linalg.norm(np.cross(Pu, Pv), axis=-1)[..., None]
+    base = area * normals
+    out = []
+    for n in (base + slope_cm_per_uv * np.cross(normals, Pv), base + slope_cm_per_uv * np.cross(Pu, normals)):
+        out.append((n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)).astype(np.float32))
+    return out[0], out[1]
+
+
 def _torch_gradient(d, step: float, dim: int):
     """np.gradient along one dim of a torch tensor: central inside, one-sided at the ends."""
     import torch

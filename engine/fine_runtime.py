@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engine.detail import (detailed_face_triangles, detailed_vertices, displaced_normals, displaced_vertices,
+from engine.detail import (detailed_face_triangles, detailed_vertices, displaced_vertices, ramp_normals,
                            tangent_normal_map, texel_geometry, unwrap)
 from engine.lighting import fit_sh_lighting, sh_basis_np, srgb_to_linear
 from engine.runtime import onnx_session
@@ -47,6 +47,11 @@ def masked_blur(values: np.ndarray, mask: np.ndarray, sigma_px: float) -> np.nda
     return (v.reshape(values.shape) / np.maximum(w, 1e-3)[..., None]).astype(np.float32)
 
 
+def _rgb_mean(x: np.ndarray) -> np.ndarray:
+    """(..., 3) -> (...): the channel mean, written out (numpy's reduction over a last axis of 3 is slow)."""
+    return (x[..., 0] + x[..., 1] + x[..., 2]) / 3.0
+
+
 def detail_inputs(colour_srgb: np.ndarray, visible: np.ndarray, geometry: dict, sh: np.ndarray) -> np.ndarray:
     """(7, R, R) float32 network input; zeros where the face is not seen or not lit.
 
@@ -61,18 +66,16 @@ def detail_inputs(colour_srgb: np.ndarray, visible: np.ndarray, geometry: dict, 
     R = visible.shape[0]
     n = geometry["normals"]
     shading = sh_basis_np(n.astype(np.float64)) @ sh
-    lit = visible & (shading.min(axis=-1) > 1e-3)
+    lit = visible & (np.minimum(np.minimum(shading[..., 0], shading[..., 1]), shading[..., 2]) > 1e-3)
     safe = np.where(lit[..., None], shading, 1.0)
     rho = np.where(lit[..., None], srgb_to_linear(colour_srgb) / safe, 0.0)
     smooth = masked_blur(rho, lit, ALBEDO_SIGMA_TEXELS * R / 256)
-    residual = np.where(lit, (rho / np.maximum(smooth, 1e-4)).mean(axis=-1) - 1.0, 0.0).clip(-1.0, 1.0)
+    residual = np.where(lit, _rgb_mean(rho / np.maximum(smooth, 1e-4)) - 1.0, 0.0).clip(-1.0, 1.0)
     responses = []
-    for axis in (1, 0):                                    # slope along u (columns), then v (rows, upwards)
-        ramp = np.arange(R, dtype=np.float64) * SLOPE_STEP_MM / 10.0   # cm, rising SLOPE_STEP_MM per texel
-        d = np.broadcast_to(ramp[None, :] if axis == 1 else -ramp[:, None], (R, R))
-        tilted = displaced_normals(n, geometry["Pu"], geometry["Pv"], d)
+    # the surface rising SLOPE_STEP_MM per texel along u (columns), then along v (rows, upwards)
+    for tilted in ramp_normals(n, geometry["Pu"], geometry["Pv"], SLOPE_STEP_MM / 10.0 * R):
         change = (sh_basis_np(tilted.astype(np.float64)) @ sh) / safe - 1.0
-        responses.append(np.where(lit, change.mean(axis=-1) / SLOPE_STEP_MM, 0.0))
+        responses.append(np.where(lit, _rgb_mean(change) / SLOPE_STEP_MM, 0.0))
     litf = lit.astype(np.float32)
     x = np.concatenate([(colour_srgb - 0.5) * litf[..., None], litf[..., None], residual[..., None],
                         np.stack(responses, axis=-1) * litf[..., None]], axis=-1)

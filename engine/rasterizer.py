@@ -291,8 +291,8 @@ def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     """(V, 3) unit area-weighted vertex normals of a mesh."""
     v0, v1, v2 = (vertices[triangles[:, i]] for i in range(3))
     face_n = np.cross(v1 - v0, v2 - v0)
-    n = np.zeros_like(vertices)
-    for i in range(3):
-        np.add.at(n, triangles[:, i], face_n)
+    corners = np.asarray(triangles).ravel()                 # each triangle's normal goes to its 3 corners
+    n = np.stack([np.bincount(corners, weights=np.repeat(face_n[:, k], 3), minlength=len(vertices))
+                  for k in range(3)], axis=1).astype(vertices.dtype, copy=False)   # (np.add.at is 10x slower)
     norm = np.linalg.norm(n, axis=1, keepdims=True)
     return n / np.maximum(norm, 1e-12)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.detail import displaced_normals, displaced_vertices, sample_map, texel_geometry, unwrap
+from engine.detail import displaced_normals, displaced_vertices, ramp_normals, sample_map, texel_geometry, unwrap
 from engine.pose import default_camera_matrix, model_to_camera
 from engine.rasterizer import interpolate, rasterize, vertex_normals
 from engine.uvmap import DetailMesh, FaceUV, texel_values, uv_to_map_px
@@ -57,6 +57,22 @@ def test_displaced_normals_match_the_displaced_mesh(model, face_uv, detail_mesh)
     assert np.abs(n_t.detach().numpy() - predicted).max() < 1e-4
     n_t[..., 2].sum().backward()
     assert torch.isfinite(d.grad).all() and d.grad.abs().sum() > 0
+
+
+def test_ramp_normals_are_the_displaced_normals_of_ramps(model, face_uv):
+    """FineNet's slope-response inputs: ramp_normals gives what displaced_normals gives for a map rising
+    the same along u (columns) or along v (up the map, down the rows), and the two tilt differently."""
+    R = face_uv.resolution
+    g = texel_geometry(face_uv, model.neutral)
+    rise_cm = 0.002                                            # per texel
+    ramp = np.arange(R, dtype=np.float64) * rise_cm
+    along_u, along_v = ramp_normals(g["normals"], g["Pu"], g["Pv"], rise_cm * R)
+    ramps = (np.broadcast_to(ramp[None, :], (R, R)), np.broadcast_to(-ramp[:, None], (R, R)))
+    for ours, d in zip((along_u, along_v), ramps):
+        reference = displaced_normals(g["normals"], g["Pu"], g["Pv"], d)
+        assert np.abs(ours - reference)[face_uv.mask].max() < 1e-5
+    tilt = np.degrees(np.arccos(np.clip((along_u * along_v).sum(-1), -1, 1)))[face_uv.mask]
+    assert np.median(tilt) > 1.0
 
 
 def test_displaced_vertices_move_along_the_normals(model, face_uv, detail_mesh):

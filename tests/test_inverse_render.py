@@ -10,10 +10,10 @@ import pytest
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel, barycentric_points
 from engine.pose import default_camera_matrix, model_to_camera, project
-from engine.rasterizer import rasterize
+from engine.rasterizer import rasterize, vertex_normals
 from trainers.inverse_render import (LiftedFace, fit_frames, inverse_rendered_sample, lift_albedo, lift_frame,
                                      mirror_map, not_lifted)
-from trainers.synthesis import (SOURCE_REAL, SynthesisAssets, SynthesisConfig, fast_vertex_normals, landmark_points,
+from trainers.synthesis import (SOURCE_REAL, SynthesisAssets, SynthesisConfig, landmark_points,
                                 linear_to_srgb, posed_vertices, sample_lighting, sh_basis_np, shade_pixels,
                                 synthesize, vertex_albedo)
 
@@ -72,19 +72,19 @@ def test_lifted_albedo_matches_the_true_one_up_to_a_scale_per_channel(assets, sc
     assert np.median(rel) < 0.08
     assert np.percentile(rel, 95) < 0.40
     # the light, in the same gauge: shading over the seen normals agrees within 8% (median; measured 5.7%)
-    normals = fast_vertex_normals(scene["cam"], assets.draw_triangles)[check]
+    normals = vertex_normals(scene["cam"], assets.draw_triangles)[check]
     est = (sh_basis_np(normals) @ sh) / scale
     ref = sh_basis_np(normals) @ scene["sh"]
     assert np.median(np.abs(est - ref) / ref) < 0.08
     # the gauge: the estimated irradiance averages 1 per channel over the valid vertices
-    n_valid = fast_vertex_normals(scene["cam"], assets.draw_triangles)[valid]
+    n_valid = vertex_normals(scene["cam"], assets.draw_triangles)[valid]
     np.testing.assert_allclose((sh_basis_np(n_valid) @ sh).mean(axis=0), 1.0, atol=1e-3)
 
 
 def test_invalid_vertices_are_the_hidden_ones(assets, scene):
     _, valid, _ = scene["lifted"]
     cam = scene["cam"]
-    normals = fast_vertex_normals(cam, assets.draw_triangles)
+    normals = vertex_normals(cam, assets.draw_triangles)
     view = -cam / np.linalg.norm(cam, axis=1, keepdims=True)
     cos = (normals * view).sum(axis=1)
     assert not valid[cos < 0.0].any()                          # back-facing: never read
@@ -144,7 +144,7 @@ def test_inverse_rendered_sample_has_synthesis_fields_and_exact_labels(assets, s
     tris = assets.model.triangles[corr.triangle[SKIN_LANDMARKS]]
     b = corr.barycentric[SKIN_LANDMARKS][..., None]
     rho = (lifted.albedo[tris] * b).sum(axis=1)
-    n = (fast_vertex_normals(cam, assets.model.triangles)[tris] * b).sum(axis=1)
+    n = (vertex_normals(cam, assets.model.triangles)[tris] * b).sum(axis=1)
     n /= np.linalg.norm(n, axis=1, keepdims=True)
     expected = linear_to_srgb(rho * (sh_basis_np(n) @ s["sh"])) * 255
     uv = np.round(s["landmarks"][SKIN_LANDMARKS]).astype(int)

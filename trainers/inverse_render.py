@@ -63,9 +63,9 @@ from engine.gaze import IRIS_LANDMARKS
 from engine.landmarks import MediaPipeLandmarker
 from engine.lighting import fit_sh_lighting
 from engine.pose import default_camera_matrix, project
-from engine.rasterizer import rasterize
+from engine.rasterizer import rasterize, vertex_normals
 from trainers.synthesis import (SOURCE_REAL, SynthesisAssets, SynthesisConfig, contact_sheet,
-                                default_background_bank, fast_vertex_normals, landmark_points, linear_to_srgb,
+                                default_background_bank, landmark_points, linear_to_srgb,
                                 posed_vertices, sh_basis_np, shade_pixels, srgb_to_linear, synthesize,
                                 vertex_albedo, write_samples)
 
@@ -144,7 +144,7 @@ def visible_vertices(vertices_cam: np.ndarray, triangles: np.ndarray, K: np.ndar
     cam = np.asarray(vertices_cam, np.float64)
     frags = rasterize(cam, triangles, K, width, height, backend="cpu")
     uv = project(cam, K)
-    normals = fast_vertex_normals(cam, np.asarray(triangles))
+    normals = vertex_normals(cam, np.asarray(triangles))
     inside = ((uv[:, 0] >= margin_px) & (uv[:, 0] <= width - 1 - margin_px) & (uv[:, 1] >= margin_px)
               & (uv[:, 1] <= height - 1 - margin_px) & (cam[:, 2] > 1.0))
     ij = np.clip(np.round(uv).astype(int), 0, [width - 1, height - 1])

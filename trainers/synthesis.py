@@ -74,7 +74,7 @@ from engine.facemodel import FACE_VERTICES, FaceModel, barycentric_points
 from engine.gaze import FULL_LOOK_PITCH, FULL_LOOK_YAW, sphere_centre
 from engine.lighting import SH_C0, linear_to_srgb, sh_basis_np, srgb_to_linear  # noqa: F401 - trainers import them here
 from engine.pose import default_camera_matrix, euler_yxz, head_rotation, model_to_camera, project, yaw_pitch_roll
-from engine.rasterizer import rasterize
+from engine.rasterizer import rasterize, vertex_normals
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -530,16 +530,6 @@ def landmark_points(assets: SynthesisAssets, vertices: np.ndarray) -> np.ndarray
     return barycentric_points(vertices, assets.model.triangles, c.triangle, c.barycentric)
 
 
-def fast_vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """(V, 3) unit area-weighted normals, as engine.rasterizer.vertex_normals but with bincount (faster)."""
-    v0, v1, v2 = (vertices[triangles[:, i]] for i in range(3))
-    fn = np.cross(v1 - v0, v2 - v0)
-    idx = triangles.ravel()
-    n = np.stack([np.bincount(idx, weights=np.repeat(fn[:, k], 3), minlength=len(vertices)) for k in range(3)],
-                 axis=1)
-    return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-
-
 # ----------------------------------------------------------------------------- appearance
 
 
@@ -835,7 +825,7 @@ def interpolate_many(frags, triangles: np.ndarray, *attributes: np.ndarray) -> l
 def shade_pixels(frags, vertices_cam: np.ndarray, triangles: np.ndarray, albedo: np.ndarray, sh: np.ndarray):
     """Linear colour (H, W, 3) = albedo · (sh_basis(n) @ sh) per covered pixel, 0 elsewhere; also the
     per-pixel unit normals (H, W, 3) and camera-space positions (H, W, 3)."""
-    normals = fast_vertex_normals(vertices_cam, triangles)
+    normals = vertex_normals(np.asarray(vertices_cam, np.float64), triangles)
     n, rho, pos = interpolate_many(frags, triangles, normals, albedo, vertices_cam)
     n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
     colour = rho * (sh_basis_np(n) @ sh)
