@@ -33,11 +33,11 @@ from capture.tracking import (FOLLOW_CONFIDENCE, FOLLOW_MIN_PRESENCE, FOLLOW_PAT
 from engine.arkit import arkit_from_model
 from engine.calibration import ActorProfile, AutoNeutral
 from engine.coarse_fitting import CoarseFitter, open_runtime
-from engine.device import CPU_BACKEND, coarse_runtime_on
 from engine.contour import Landmarks68
 from engine.correspondence import LandmarkCorrespondence
 from engine.depth import backproject, write_ply_points
 from engine.depth_fit import DepthBasis, DepthRefiner, DepthSettings
+from engine.device import CPU_BACKEND, coarse_runtime_on
 from engine.facemodel import FaceModel, barycentric_points
 from engine.filters import OneEuroFilter
 from engine.fine_runtime import FineRuntime
