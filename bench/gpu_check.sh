@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with an NVIDIA GPU, nvcc and cmake (run from the repository root):
-# builds cuda_ext, runs the CUDA tests and the CUDA runtimes' tests (tests/test_device.py), and times the
-# rasterizer (numba vs CUDA). REPORT (default gpu_check.txt) gets everything printed. PYTHON picks the
-# interpreter (default python3); CAPTURE_FACE_MODEL points at the face model where ../shared is not beside
-# the project.
+# builds cuda_ext, runs the CUDA tests and the CUDA runtimes' tests (tests/test_device.py), times the
+# rasterizer (numba vs CUDA) and the networks per backend (bench/bench_device.py). REPORT (default
+# gpu_check.txt) gets everything printed. PYTHON picks the interpreter (default python3); CAPTURE_FACE_MODEL
+# points at the face model where ../shared is not beside the project.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,6 +17,8 @@ REPORT=${1:-gpu_check.txt}
   echo "== device choice and CUDA runtimes against the CPU"
   $PY -c "from engine.device import choose_device; print(choose_device('auto').line())"
   $PY -m pytest -q -p no:cacheprovider tests/test_device.py -rs 2>&1 | tail -15
+  echo "== CoarseNet and FineNet per backend (batch 1, batched)"
+  $PY bench/bench_device.py 2>&1 | tail -8
   echo "== rasterizer speed"
   CAPTURE_CUDA_LIB=build/cuda_ext/libcapture_cuda.so $PY bench/bench_rasterizer.py 2>&1 | tail -6
 } 2>&1 | tee "$REPORT"
