@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with an NVIDIA GPU, nvcc and cmake (run from the repository root):
-# builds cuda_ext, runs the CUDA tests and the CUDA runtimes' tests (tests/test_device.py), times the
-# rasterizer (numba vs CUDA) and the networks per backend (bench/bench_device.py). REPORT (default
-# gpu_check.txt) gets everything printed. PYTHON picks the interpreter (default python3); CAPTURE_FACE_MODEL
-# points at the face model where ../shared is not beside the project.
+# builds cuda_ext, runs the CUDA tests, the CUDA runtimes' and FineNet training's (tests/test_device.py,
+# tests/test_train_fine.py), times the rasterizer (numba vs CUDA) and the networks per backend
+# (bench/bench_device.py). REPORT (default gpu_check.txt) gets everything printed. PYTHON picks the
+# interpreter (default python3); CAPTURE_FACE_MODEL points at the face model where ../shared is not beside
+# the project.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +17,8 @@ REPORT=${1:-gpu_check.txt}
   $PY -m pytest -q -p no:cacheprovider tests/test_rasterizer.py -k "cuda" -rs 2>&1 | tail -15
   echo "== device choice and CUDA runtimes against the CPU"
   $PY -c "from engine.device import choose_device; print(choose_device('auto').line())"
-  $PY -m pytest -q -p no:cacheprovider tests/test_device.py -rs 2>&1 | tail -15
+  $PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_train_fine.py -k "cuda or device" -rs 2>&1 \
+    | tail -15
   echo "== CoarseNet and FineNet per backend (batch 1, batched)"
   $PY bench/bench_device.py 2>&1 | tail -8
   echo "== rasterizer speed"

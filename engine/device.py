@@ -103,3 +103,15 @@ def coarse_runtime_on(backend: str, kind: str, weights_given: bool) -> tuple[str
     if backend == "torch-cuda":
         return ("torch", True) if not weights_given else (kind, kind == "torch")
     return kind, False
+
+
+def torch_device(requested: str = "auto") -> tuple[str, str]:
+    """("cuda" or "cpu", its one line) for torch work such as training: CUDA when requested is auto or cuda
+    and torch can use a GPU here, else the CPU with the reason."""
+    if requested not in DEVICES:
+        raise ValueError(f"unknown device {requested!r} (choose from {', '.join(DEVICES)})")
+    if requested == "cpu":
+        return "cpu", "device: cpu (torch), as asked"
+    problem = "cuda: no NVIDIA GPU on this machine (no /dev/nvidia*)" if not nvidia_device_present() \
+        else torch_cuda_problem()
+    return ("cuda", "device: cuda (torch)") if problem is None else ("cpu", f"device: cpu (torch); not {problem}")

@@ -88,3 +88,27 @@ def test_capture_train_fine_cli(tmp_path, capsys):
     status = cli.main(["train", "fine", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and err[-1].startswith("capture: error:") and "train/" in err[-1]
+
+
+def test_device_choice_for_training():
+    from engine.device import nvidia_device_present, torch_device
+
+    assert torch_device("cpu") == ("cpu", "device: cpu (torch), as asked")
+    device, line = torch_device("auto")
+    assert device in ("cpu", "cuda") and line.startswith(f"device: {device} (torch)")
+    if not nvidia_device_present():
+        assert device == "cpu" and "no NVIDIA GPU" in line
+    with pytest.raises(ValueError):
+        torch_device("tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch.cuda.is_available() is False")
+def test_a_run_on_cuda_matches_the_cpu(tiny_data, tmp_path):
+    """The same 4 steps on the GPU and on the CPU: the same figures, weights written either way."""
+    cpu = train(TINY, tiny_data, tmp_path / "cpu", progress=False, device="cpu")
+    gpu = train(TINY, tiny_data, tmp_path / "cuda", progress=False, device="cuda")
+    for key, value in cpu["val"].items():
+        assert gpu["val"][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    a, b = load_weights(tmp_path / "cpu" / "finenet.pt"), load_weights(tmp_path / "cuda" / "finenet.pt")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.allclose(x, y, rtol=1e-3, atol=1e-5)

@@ -89,7 +89,8 @@ def magnitude_prior(displacement_mm: torch.Tensor, mask: torch.Tensor) -> torch.
 def warp(maps: torch.Tensor, flow_px: torch.Tensor) -> torch.Tensor:
     """maps (B, R, R) sampled at x + flow (B, R, R, 2) texels (x, y), bilinear, border values outside."""
     B, H, W = maps.shape
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=maps.dtype), torch.arange(W, dtype=maps.dtype), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=maps.dtype, device=maps.device),
+                            torch.arange(W, dtype=maps.dtype, device=maps.device), indexing="ij")
     gx = (xs + flow_px[..., 0]) * (2.0 / (W - 1)) - 1.0
     gy = (ys + flow_px[..., 1]) * (2.0 / (H - 1)) - 1.0
     grid = torch.stack([gx, gy], dim=-1)

@@ -1,6 +1,7 @@
 """Train FineNet self-supervised: the photometric detail loss on real frame pairs (and synthetic faces).
 
     capture train fine --data DATA_DIR --out RUN_DIR [--config trainers/configs/fine.toml] [--steps N] [--resume]
+                       [--device auto|cpu|cuda]
 
 DATA_DIR comes from `python -m trainers.fine_data --out DATA_DIR` (real pairs of the training videos
 in DATA_DIR/train, of the held-out videos in DATA_DIR/heldout, synthetic faces with known detail in
@@ -13,6 +14,8 @@ between their unwrapped colour), and, where [loss] supervised > 0 (trainers/conf
 squared-error term (mm², supervised_loss) against the synthetic faces' known detail; at 0 the synthetic
 faces only go through the photometric terms.
 Batches are a pure function of the step (seeded permutations), so --resume continues exactly.
+The net, its batches and losses run on an NVIDIA GPU when torch can use one (--device auto, the
+default; engine.device.torch_device), else on the CPU; the weights are written from the CPU.
 
 Validation every val_every steps on the held-out sets (`evaluate`): photometric error with and
 without the detail on held-out real frames, displacement error on held-out synthetic faces beside the
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.device import torch_device
 from engine.facemodel import FaceModel
 from engine.fine_runtime import ALBEDO_SIGMA_TEXELS, detail_inputs
 from engine.finenet import FineNet, FineNetConfig, export_onnx, save_weights
@@ -150,18 +154,23 @@ def supervised_loss(d_mm: torch.Tensor, truth_mm: torch.Tensor, visible: torch.T
 
 
 def predict(net: FineNet, x: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """(B, R, R) maps, mm, in eval mode without gradients."""
+    """(B, R, R) maps, mm, in eval mode without gradients (on x's device)."""
     net.eval()
     with torch.no_grad():
         return torch.cat([net(x[i:i + batch])[:, 0] for i in range(0, len(x), batch)])
 
 
-def evaluate(net: FineNet, real: FrameSet | None, synthetic: FrameSet | None, mask: torch.Tensor, lc: dict) -> dict:
-    """Held-out figures, medians over frames (module docstring)."""
+def on(device: str, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def evaluate(net: FineNet, real: FrameSet | None, synthetic: FrameSet | None, mask: torch.Tensor, lc: dict,
+             device: str = "cpu") -> dict:
+    """Held-out figures, medians over frames (module docstring); net and mask on device."""
     out: dict = {}
     if real is not None and len(real):
         ids = np.arange(len(real))
-        b = real.batch(ids)
+        b = on(device, real.batch(ids))
         d = predict(net, b["x"])
         coarse = frame_losses(torch.zeros_like(d), b, mask, lc)["photometric"]
         detail = frame_losses(d, b, mask, lc)["photometric"]
@@ -175,7 +184,7 @@ def evaluate(net: FineNet, real: FrameSet | None, synthetic: FrameSet | None, ma
                                                          both).median())
         out["mean_abs_mm"] = float((d.abs() * b["visible"]).sum() / b["visible"].sum())
     if synthetic is not None and len(synthetic):
-        b = synthetic.batch(np.arange(len(synthetic)), frames=1)
+        b = on(device, synthetic.batch(np.arange(len(synthetic)), frames=1))
         d = predict(net, b["x"])
         errs, zeros, flat = [], [], []
         for i in range(len(d)):
@@ -194,9 +203,10 @@ def evaluate(net: FineNet, real: FrameSet | None, synthetic: FrameSet | None, ma
 
 
 def train(config: str | Path | dict | None, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
-          progress: bool = True, stop_at: int | None = None) -> dict:
+          progress: bool = True, stop_at: int | None = None, device: str = "cpu") -> dict:
     """Run (or continue) a FineNet training run; returns {step, loss, val, seconds}. stop_at: leave after
-    that step with a checkpoint, as an interrupted run would (no weights written)."""
+    that step with a checkpoint, as an interrupted run would (no weights written). device: "cpu" or
+    "cuda" (torch's; engine.device.torch_device chooses), where the net, its batches and losses live."""
     from tqdm import tqdm
 
     cfg = load_config(config)
@@ -207,7 +217,7 @@ def train(config: str | Path | dict | None, data_dir: str | Path, out_dir: str |
     ncfg = FineNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["model"].items()})
     model = FaceModel.load()
     face_uv = FaceUV.from_model(model, ncfg.map_px)
-    mask = torch.as_tensor(face_uv.mask)
+    mask = torch.as_tensor(face_uv.mask).to(device)
     data = Path(data_dir)
 
     def frame_set(name: str, limit: int | None = None) -> FrameSet | None:
@@ -224,7 +234,7 @@ def train(config: str | Path | dict | None, data_dir: str | Path, out_dir: str |
     val_synthetic = frame_set("synthetic_heldout", int(cfg["data"]["val_synthetic"]))
 
     torch.manual_seed(int(tc["seed"]))
-    net = FineNet(ncfg)
+    net = FineNet(ncfg).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=float(tc["lr"]))
     steps = int(tc["steps"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
@@ -248,7 +258,8 @@ def train(config: str | Path | dict | None, data_dir: str | Path, out_dir: str |
         terms: dict[str, torch.Tensor] = {}
         parts = []
         if real is not None:
-            b = real.batch(rng.choice(len(real), int(tc["batch_real"]), replace=len(real) < int(tc["batch_real"])))
+            b = on(device, real.batch(rng.choice(len(real), int(tc["batch_real"]),
+                                                 replace=len(real) < int(tc["batch_real"]))))
             d = net(b["x"])[:, 0]
             parts.append(frame_losses(d, b, mask, lc))
             pairs = d.view(-1, 2, *d.shape[1:])
@@ -256,10 +267,9 @@ def train(config: str | Path | dict | None, data_dir: str | Path, out_dir: str |
             terms["temporal"] = temporal_loss(pairs[:, 0], pairs[:, 1], b["flow"], both).mean()
         if synthetic is not None:
             n = int(tc["batch_synthetic"])
-            b = synthetic.batch(rng.choice(len(synthetic), n, replace=len(synthetic) < n), frames=1)
+            b = on(device, synthetic.batch(rng.choice(len(synthetic), n, replace=len(synthetic) < n), frames=1))
             d = net(b["x"])[:, 0]
             parts.append(frame_losses(d, b, mask, lc))
-            seen = b["visible"] * torch.isfinite(b["truth_mm"])
             terms["supervised"] = supervised_loss(d, b["truth_mm"], b["visible"])
         for key in ("photometric", "smoothness", "magnitude"):
             terms[key] = torch.cat([p[key] for p in parts]).mean()
@@ -277,7 +287,7 @@ def train(config: str | Path | dict | None, data_dir: str | Path, out_dir: str |
             metrics.flush()
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if step % int(tc["val_every"]) == 0 or step == steps:
-            val = evaluate(net, val_real, val_synthetic, mask, lc)
+            val = evaluate(net, val_real, val_synthetic, mask, lc, device)
             metrics.write(json.dumps({"step": step, "val": val}) + "\n")
             metrics.flush()
             (tqdm.write if progress else print)(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -289,6 +299,7 @@ def train(config: str | Path | dict | None, data_dir: str | Path, out_dir: str |
     metrics.close()
     if step < steps:
         return {"step": step, "loss": last, "val": val, "seconds": round(time.time() - t0, 1)}
+    net.cpu()
     save_weights(net, out / "finenet.pt")
     export_onnx(net, out / "finenet.onnx")
     return {"step": step, "loss": last, "val": val, "seconds": round(time.time() - t0, 1)}
@@ -302,6 +313,9 @@ def main(argv=None, prog: str | None = None) -> int:
                     help="TOML config (default trainers/configs/fine.toml)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     ap.add_argument("--steps", type=int, help="total steps (overrides the config)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto (default) and cuda train on an NVIDIA GPU when torch can use one, else the CPU; "
+                    "one line says which")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps <= 0:
@@ -311,7 +325,9 @@ def main(argv=None, prog: str | None = None) -> int:
     cfg = load_config(args.config)
     if args.steps is not None:
         cfg["train"]["steps"] = args.steps
-    summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+    device, line = torch_device(args.device)
+    print(f"train fine: {line}", file=sys.stderr)
+    summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.no_progress, device=device)
     print(json.dumps(summary))
     return 0
 
