@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.coarse_fitting import open_runtime  # noqa: E402
-from engine.device import CPU_BACKEND, CUDA_BACKENDS, PROBES, nvidia_device_present  # noqa: E402
+from engine.device import CPU_BACKEND, CUDA_BACKENDS, NO_GPU, PROBES, nvidia_device_present  # noqa: E402
 from engine.fine_runtime import DEFAULT_WEIGHTS as FINE_ONNX  # noqa: E402
 from engine.fine_runtime import IN_CHANNELS  # noqa: E402
 
@@ -106,8 +106,7 @@ def main(argv=None) -> int:
     gpu = nvidia_device_present()
     results, skipped = {}, {}
     for backend in (CPU_BACKEND, *CUDA_BACKENDS):
-        problem = None if backend == CPU_BACKEND else ("no NVIDIA GPU (no /dev/nvidia*)" if not gpu
-                                                       else PROBES[backend]())
+        problem = None if backend == CPU_BACKEND else (NO_GPU if not gpu else PROBES[backend]())
         if problem:
             skipped[backend] = problem
             continue

@@ -18,6 +18,8 @@ DEVICES = ("auto", "cpu", "cuda")
 #: The backends, fastest first; the last is the CPU, which needs no probe.
 CUDA_BACKENDS = ("onnxruntime-cuda", "torch-cuda")
 CPU_BACKEND = "onnxruntime-cpu"
+#: Why no CUDA backend was tried.
+NO_GPU = "cuda: no NVIDIA GPU on this machine (no /dev/nvidia*)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ class DeviceChoice:
         if self.passed_over:
             text += "; not " + "; not ".join(self.passed_over)
         return text
+
+
+def _check(requested: str) -> None:
+    if requested not in DEVICES:
+        raise ValueError(f"unknown device {requested!r} (choose from {', '.join(DEVICES)})")
 
 
 def nvidia_device_present(dev: Path = Path("/dev")) -> bool:
@@ -78,12 +85,11 @@ def choose_device(requested: str = "auto", probes: dict[str, Callable[[], str | 
     """The backend for `requested` ("auto", "cpu" or "cuda"): the first CUDA backend whose probe finds
     no problem, else the CPU, with the reasons. probes: backend -> callable giving its problem or None
     (default PROBES, in CUDA_BACKENDS order)."""
-    if requested not in DEVICES:
-        raise ValueError(f"unknown device {requested!r} (choose from {', '.join(DEVICES)})")
+    _check(requested)
     if requested == "cpu":
         return DeviceChoice(requested, CPU_BACKEND)
     if not gpu_present():
-        return DeviceChoice(requested, CPU_BACKEND, ("cuda: no NVIDIA GPU on this machine (no /dev/nvidia*)",))
+        return DeviceChoice(requested, CPU_BACKEND, (NO_GPU,))
     probes = PROBES if probes is None else probes
     passed_over = []
     for backend in CUDA_BACKENDS:
@@ -108,10 +114,8 @@ def coarse_runtime_on(backend: str, kind: str, weights_given: bool) -> tuple[str
 def torch_device(requested: str = "auto") -> tuple[str, str]:
     """("cuda" or "cpu", its one line) for torch work such as training: CUDA when requested is auto or cuda
     and torch can use a GPU here, else the CPU with the reason."""
-    if requested not in DEVICES:
-        raise ValueError(f"unknown device {requested!r} (choose from {', '.join(DEVICES)})")
+    _check(requested)
     if requested == "cpu":
         return "cpu", "device: cpu (torch), as asked"
-    problem = "cuda: no NVIDIA GPU on this machine (no /dev/nvidia*)" if not nvidia_device_present() \
-        else torch_cuda_problem()
+    problem = NO_GPU if not nvidia_device_present() else torch_cuda_problem()
     return ("cuda", "device: cuda (torch)") if problem is None else ("cpu", f"device: cpu (torch); not {problem}")

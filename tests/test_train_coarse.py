@@ -347,6 +347,8 @@ def test_depth_section_defaults_off_and_is_checked(shard_dir, model, corr, tmp_p
         tc.load_config({"depth": {"weight": -1.0}})
     with pytest.raises(tc.ConfigError):
         tc.load_config({"depth": {"noise": 1.0}})
+    with pytest.raises(tc.ConfigError, match="synthetic batch"):
+        tc.load_config({"depth": {"weight": 1.0}, "real": {"dir": "pairs", "synthetic": False}})
     cfg = tiny_config(shard_dir, 2)
     cfg["depth"] = {"weight": 0.5}
     kw = {"face_model": model, "correspondence": corr, "progress": False, "export": False}

@@ -55,7 +55,8 @@ from engine.crop import unknown_landmarks_px
 from engine.facemodel import FACE_VERTICES, FaceModel
 from trainers.losses import (DEFAULT_OPTIONS, DEFAULT_WEIGHTS, EXPRESSION_LOSSES, LossGeometry, coarse_loss,
                              rotation_angle)
-from trainers.selfsup import DEFAULT_REAL_WEIGHTS, pair_tensors, selfsup_loss
+from trainers.rgbd import sensor_depth_batch
+from trainers.selfsup import DEFAULT_REAL_WEIGHTS, SelfSupGeometry, depth_loss, pair_tensors, selfsup_loss
 
 #: The sample fields training reads (the rest of a shard is left on disk).
 FIELDS = ("image", "identity", "expression", "rotation", "translation_cm", "K_crop", "landmarks",
@@ -158,6 +159,8 @@ def load_config(config: str | Path | dict | None) -> dict:
     weight = cfg["depth"]["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
         raise ConfigError(f"[depth] weight must be a number >= 0, got {weight!r}")
+    if weight and batches_are_real_only(cfg):
+        raise ConfigError("[depth] weight needs the synthetic batch (real.synthetic = false reads none)")
     _check_numbers(cfg)
     return cfg
 
@@ -287,9 +290,6 @@ def synthetic_depth_loss(pred: dict, batch: dict[str, torch.Tensor], images_rgb:
     """E_geo on synthetic samples: the predicted front face (geometry: trainers.selfsup.SelfSupGeometry)
     against the depth a Kinect-like camera would measure of the true one in the same crop
     (trainers.rgbd.sensor_depth_batch). images_rgb (B, S, S, 3) uint8, the crops themselves."""
-    from trainers.rgbd import sensor_depth_batch
-    from trainers.selfsup import depth_loss
-
     n_id = pred["identity"].shape[1]
     expression = pred.get("expression_linear", pred["expression"])
     with torch.no_grad():
@@ -546,8 +546,6 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
     real_source = real_val = selfsup_geometry = None
     real_weights = {k: float(rc[k]) for k in DEFAULT_REAL_WEIGHTS}
     if rc["dir"]:
-        from trainers.selfsup import SelfSupGeometry
-
         real_pairs = load_real_pairs(rc["dir"], "train")
         if real_pairs is None:
             raise FileNotFoundError(f"real.dir: no pairs in {rc['dir']} (python -m trainers.real_frames --out DIR)")
@@ -557,13 +555,8 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
         real_source = PairBatches(real_pairs, int(rc["batch_size"]), int(rc["seed"]))
         if int(rc["val_count"]):
             real_val = load_real_pairs(rc["dir"], "heldout", int(rc["val_count"]))
-        selfsup_geometry = SelfSupGeometry(face_model, correspondence, n_identity=ncfg.n_identity)
     depth_weight = float(cfg["depth"]["weight"])
-    if depth_weight and batches_are_real_only(cfg):
-        raise ConfigError("[depth] weight needs the synthetic batch (real.synthetic = false reads none)")
-    if depth_weight and selfsup_geometry is None:
-        from trainers.selfsup import SelfSupGeometry
-
+    if rc["dir"] or depth_weight:    # the front-face geometry of the real terms and of E_geo
         selfsup_geometry = SelfSupGeometry(face_model, correspondence, n_identity=ncfg.n_identity)
     if batches_are_real_only(cfg):
         batches = (None for _ in range(step, total))     # real pairs only: no synthetic data is read
