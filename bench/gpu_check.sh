@@ -2,9 +2,9 @@
 # The GPU checks in one go, for a machine with an NVIDIA GPU, nvcc and cmake (run from the repository root):
 # builds cuda_ext, runs the CUDA tests, the CUDA runtimes' and FineNet training's (tests/test_device.py,
 # tests/test_train_fine.py), times the rasterizer (numba vs CUDA) and the networks per backend
-# (bench/bench_device.py). REPORT (default gpu_check.txt) gets everything printed. PYTHON picks the
-# interpreter (default python3); CAPTURE_FACE_MODEL points at the face model where ../shared is not beside
-# the project.
+# (bench/bench_device.py) and batched 720p video (bench/bench_batch.py). REPORT (default gpu_check.txt) gets
+# everything printed. PYTHON picks the interpreter (default python3); CAPTURE_FACE_MODEL points at the face
+# model where ../shared is not beside the project.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,6 +21,8 @@ REPORT=${1:-gpu_check.txt}
     | tail -15
   echo "== CoarseNet and FineNet per backend (batch 1, batched)"
   $PY bench/bench_device.py 2>&1 | tail -8
+  echo "== recorded 720p video, --batch 16 against 1, on the GPU"
+  $PY bench/bench_batch.py --height 720 --cores 1,4 --repeat 3 --device cuda 2>&1 | tail -14
   echo "== rasterizer speed"
   CAPTURE_CUDA_LIB=build/cuda_ext/libcapture_cuda.so $PY bench/bench_rasterizer.py 2>&1 | tail -6
 } 2>&1 | tee "$REPORT"

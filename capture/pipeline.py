@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from capture.sinks import BackgroundMeshWriter, DetailMapWriter, LiveLinkCsvWriter, MeshSequenceWriter, TrackWriter
-from capture.sources import Frame, FrameReader, FrameSource
+from capture.sources import Frame, FrameReader, FrameSource, SourceError
 from capture.streams import StreamHub, stream_frame
 from capture.take_folder import (DETAIL_FOLDER, DETAIL_NORMAL_FOLDER, POINTCLOUD_FOLDER, OutputError, cut_back,
                                  reason)
@@ -144,6 +144,23 @@ class FrameResult:
     depth_samples: int = 0                       # depth samples the fit was refined against (0: no depth used)
     depth_residual_mm: float = float("nan")      # median |model - depth| over the front-face ones, point to plane
     timings_s: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrackedFrame:
+    """A frame tracked but not yet fitted (FaceCapture.track -> finish). landmarks (478, 3) px, None when
+    the tracker found no face; K (3, 3) px; predict_s: its share of a batched network pass, counted in
+    the fit stage."""
+
+    image: np.ndarray
+    time_s: float
+    index: int
+    depth_mm: np.ndarray | None
+    K: np.ndarray
+    landmarks: np.ndarray | None
+    confidence: float
+    timings_s: dict
+    predict_s: float = 0.0
 
 
 class FaceCapture:
@@ -277,24 +294,74 @@ class FaceCapture:
         fit is refined against it (engine.depth_fit). camera_matrix: the colour camera's K (px),
         when the source knows it (its calibration wins over settings.focal_px, a guess for
         sources without one, and the depth is registered with it)."""
+        return self.finish(self.track(image, time_s, index, depth_mm, camera_matrix))
+
+    def track(self, image: np.ndarray, time_s: float, index: int = 0, depth_mm: np.ndarray | None = None,
+              camera_matrix: np.ndarray | None = None, before_follow=None) -> TrackedFrame:
+        """The first half of `process`: the frame's landmarks. Frames may be tracked ahead of their fits
+        (`finish`, in the same order): the tracker needs the previous frame's fit only when FaceMesh
+        loses the face, and then calls before_follow() first, which must finish every frame tracked
+        so far (run_take's batches)."""
         h, w = image.shape[:2]
         K = self.camera_matrix(w, h) if camera_matrix is None else np.asarray(camera_matrix, np.float64)
-        timings = {}
         t0 = time.perf_counter()
         if self.settings.static:  # every photo its own face: fresh identity and tracking
             self.tracker.reset()
             self._new_fitter()
             self._update_eyes(self.fitter.identity)
-        follow = self._follow if self.settings.follow_profiles and not self.settings.static else None
-        # a face lost while turned is fitted from the picture: MediaPipe's landmarks for a profile are
-        # guesses (bench/eval_profile.py: its followed landmarks put the yaw 30-90 degrees off)
-        turned = follow is not None and self._turned(self._follow_fit)
-        landmarks = self.tracker.track(image, None if turned else follow)
+
+        waited = [0.0]  # finishing the frames before this one is their time, not this frame's tracking
+
+        def follow():
+            if before_follow is not None:
+                t = time.perf_counter()
+                before_follow()
+                waited[0] = time.perf_counter() - t
+            # a face lost while turned is fitted from the picture: MediaPipe's landmarks for a profile are
+            # guesses (bench/eval_profile.py: its followed landmarks put the yaw 30-90 degrees off)
+            region = self._follow_region()
+            return None if region is None or self._turned(self._follow_fit) else region()
+
+        landmarks = self.tracker.track(image, follow if self._following() else None)
+        timings = {"landmarks": time.perf_counter() - t0 - waited[0]}
+        return TrackedFrame(image, time_s, index, depth_mm, K, landmarks, self.tracker.confidence, timings)
+
+    def _following(self) -> bool:
+        """Whether a face this take lost may be followed from its last fit."""
+        return self.settings.follow_profiles and not self.settings.static
+
+    def _follow_region(self):
+        """() -> where the last fitted face was (capture.tracking.FollowRegion), or None."""
+        return self._follow if self._following() else None
+
+    def predict(self, tracked: list[TrackedFrame]) -> list[dict | None]:
+        """CoarseNet on the crops of these tracked frames in one batch: each frame's raw outputs
+        (CoarseFitter.predict), None for a frame without landmarks; for `finish`. All None with the
+        optimiser (it has no network)."""
+        if self._runtime is None:
+            return [None] * len(tracked)
+        found = [f for f in tracked if f.landmarks is not None]
+        if not found:
+            return [None] * len(tracked)
+        t0 = time.perf_counter()
+        outs = iter(self.fitter.predict_batch([f.image for f in found], [f.landmarks for f in found],
+                                              [f.K for f in found]))
+        for f in found:
+            f.predict_s = (time.perf_counter() - t0) / len(found)
+        return [next(outs) if f.landmarks is not None else None for f in tracked]
+
+    def finish(self, tracked: TrackedFrame, predicted: dict | None = None) -> FrameResult:
+        """The second half of `process`: fit, gaze, calibration and filters of a tracked frame.
+        predicted: CoarseNet's outputs for it (`predict`), else the network runs here."""
+        image, K, landmarks, time_s = tracked.image, tracked.K, tracked.landmarks, tracked.time_s
+        timings = dict(tracked.timings_s)
         t1 = time.perf_counter()
-        timings["landmarks"] = t1 - t0
+        follow = self._follow_region()
+        turned = follow is not None and self._turned(self._follow_fit)
+        h, w = image.shape[:2]
         fit = self._fit_from_picture(image, K) if landmarks is None and turned else None
-        result = FrameResult(index, time_s, landmarks is not None or fit is not None, K, (w, h),
-                             self.tracker.confidence if fit is None else PICTURE_CONFIDENCE,
+        result = FrameResult(tracked.index, time_s, landmarks is not None or fit is not None, K, (w, h),
+                             tracked.confidence if fit is None else PICTURE_CONFIDENCE,
                              from_picture=fit is not None, timings_s=timings)
         if not result.face_found:
             self._follow_misses += 1
@@ -312,18 +379,18 @@ class FaceCapture:
             landmarks[:, :2] = self._fitted_landmarks_px(fit, K)
         else:
             self._tracked_px = landmarks[:, :2]
-            fit = self._fit_landmarks(image, landmarks, K, depth_mm, gaze, result)
+            fit = self._fit_landmarks(image, landmarks, K, tracked.depth_mm, gaze, result, predicted)
         if self._eyes_stale(fit.identity):
             self._update_eyes(fit.identity)
         self._last_identity = fit.identity
-        if self.settings.follow_profiles and not self.settings.static:
+        if self._following():
             # made only if the next frames lose the face: FaceMesh finds it in almost every frame
             self._follow_fit = fit
             self._follow = lambda: follow_region(self.basis.points(fit.identity, fit.expression), fit.rotation,
                                                  fit.translation, K)
             self._follow_misses = 0
         t2 = time.perf_counter()
-        timings["fit"] = t2 - t1
+        timings["fit"] = t2 - t1 + tracked.predict_s
 
         R, t, e = fit.rotation, fit.translation, fit.expression
         calibrated = self._calibrated(e)
@@ -347,9 +414,10 @@ class FaceCapture:
         return result
 
     def _fit_landmarks(self, image: np.ndarray, landmarks: np.ndarray, K: np.ndarray, depth_mm: np.ndarray | None,
-                       gaze: dict, result: FrameResult) -> FitResult:
+                       gaze: dict, result: FrameResult, predicted: dict | None = None) -> FitResult:
         """The engine's fit of a frame with landmarks: gaze and blink pinned at the fitted pose (their
-        angles left in gaze["angles"]), refined against the depth when the frame has it."""
+        angles left in gaze["angles"]), refined against the depth when the frame has it. predicted:
+        CoarseNet's outputs for the frame, already run (`predict`)."""
         apertures = np.array([lid_aperture(landmarks, i) for i in self.eyes.iris_landmark])
         visible = np.array([[gaze_visibility(a)] for a in apertures])
         if self.eye_closure is not None:
@@ -368,7 +436,10 @@ class FaceCapture:
         # on a photo, the optimiser alternates identity and expression over the passes; the network needs one
         passes = self.settings.photo_passes if self.settings.static and self._runtime is None else 1
         for _ in range(passes):
-            fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
+            if predicted is not None:
+                fit = self.fitter.fit(landmarks, K, pin=pin, image=image, predicted=predicted)
+            else:
+                fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
         if depth_mm is not None:  # timed apart too ("depth"), inside "fit"
             t_depth = time.perf_counter()
             fit, result.depth_samples, result.depth_residual_mm = self._refine_with_depth(fit, landmarks, K,
@@ -589,8 +660,14 @@ class TakeSummary:
 def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, mesh_format: str = "obj",
              progress: bool = True, max_frames: int | None = None, on_result=None,
              queue_size: int = 4, streams: StreamHub | None = None, swap_mouth_lr: bool = False,
-             pointclouds: bool = False, detail: FineRuntime | None = None) -> TakeSummary:
+             pointclouds: bool = False, detail: FineRuntime | None = None, batch: int = 1) -> TakeSummary:
     """Drive a source through the pipeline into out_dir (None: no files).
+
+    batch > 1 (recorded sources): frames are tracked up to `batch` ahead, CoarseNet runs on their crops
+    in one pass (FaceCapture.predict), and they are fitted, streamed and written in order; the results
+    are those of batch 1 (the network's arithmetic aside: a batch may sum in another order). A frame
+    whose face FaceMesh loses needs the previous fit, so the frames before it are finished first.
+    Live sources run one frame at a time whatever batch says: a batch would only add latency.
 
     A SourceError raised midway (e.g. a truncated video) propagates after every
     frame before it has been written and the outputs closed.
@@ -625,18 +702,18 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
     completed = False
     try:
         bar = tqdm(total=total, unit="frame", disable=not progress, dynamic_ncols=True, leave=True)
-        for frame in reader:
-            first_skipped = frame.index - len(frame.skipped_s)
-            for index, time_s in enumerate(frame.skipped_s, first_skipped):  # undecodable: a row, nothing else
-                if max_frames is not None and summary.frames + summary.skipped >= max_frames:
-                    break
+        batch = 1 if source.live else max(1, int(batch))
+        pending = []  # (frame, TrackedFrame) or (None, FrameResult of an undecodable frame), in order
+        taken = 0     # frames and undecodable ones handed to the pipeline (max_frames counts both)
+        stopped = []  # on_result asked to stop
+
+        def emit(frame: Frame | None, result: FrameResult) -> None:
+            if frame is None:  # undecodable: a row, nothing else
                 if writer is not None:
-                    writer.write(capture.undecodable(index, time_s, frame.image))
+                    writer.write(result)
                 summary.skipped += 1
                 bar.update(1)
-            if max_frames is not None and summary.frames + summary.skipped >= max_frames:
-                break
-            result = capture.process(frame.image, frame.time_s, frame.index, frame.depth_mm, source.camera_matrix)
+                return
             t0 = time.perf_counter()
             if streams is not None:
                 streams.send(stream_frame(result, frame.captured_s, fps))
@@ -655,9 +732,41 @@ def run_take(source: FrameSource, capture: FaceCapture, out_dir: Path | None, me
             bar.update(1)
             bar.set_postfix(faces=summary.faces, refresh=False)
             if on_result is not None and on_result(frame, result) is False:
-                break
-            if max_frames is not None and summary.frames + summary.skipped >= max_frames:
-                break
+                stopped.append(True)
+
+        def drain() -> None:
+            """Fit and emit every pending frame, in order (one network pass for all of them)."""
+            tracked = [item for frame, item in pending if frame is not None]
+            predicted = iter(capture.predict(tracked) if len(tracked) > 1 else [None] * len(tracked))
+            items = list(pending)
+            pending.clear()
+            for frame, item in items:
+                if stopped:  # frames after the one that stopped the take are not kept
+                    return
+                emit(frame, item if frame is None else capture.finish(item, next(predicted)))
+
+        try:
+            for frame in reader:
+                first_skipped = frame.index - len(frame.skipped_s)
+                for index, time_s in enumerate(frame.skipped_s, first_skipped):
+                    if max_frames is not None and taken >= max_frames:
+                        break
+                    pending.append((None, capture.undecodable(index, time_s, frame.image)))
+                    taken += 1
+                if max_frames is not None and taken >= max_frames:
+                    break
+                tracked = capture.track(frame.image, frame.time_s, frame.index, frame.depth_mm,
+                                        source.camera_matrix, before_follow=drain)
+                pending.append((frame, tracked))
+                taken += 1
+                if len(pending) >= batch:
+                    drain()
+                if stopped or (max_frames is not None and taken >= max_frames):
+                    break
+        except (SourceError, KeyboardInterrupt):  # the frames tracked before it are still written
+            drain()
+            raise
+        drain()
         completed = True
     except OSError as exc:
         if writer is None or exc is not writer.failure:

@@ -124,6 +124,17 @@ def crop(image: np.ndarray, box: np.ndarray, size_px: int) -> tuple[np.ndarray, 
     return out, to_image
 
 
+def _once(get: Callable[[], FollowRegion | None]) -> Callable[[], FollowRegion | None]:
+    """get, called at most once: later calls return its first answer."""
+    answer = []
+
+    def once():
+        if not answer:
+            answer.append(get())
+        return answer[0]
+    return once
+
+
 class FaceTracker:
     """Landmarks (478, 3) in image pixels per frame, or None when no face is found.
 
@@ -142,14 +153,17 @@ class FaceTracker:
         self.mode = "none"  # how the last frame was found: "full", "crop", "follow" or "none"
         self.confidence = 0.0  # the last frame's: 1 found by FaceMesh, <= 0.5 followed (FOLLOW_CONFIDENCE), 0 none
 
-    def track(self, rgb: np.ndarray, follow: Callable[[], FollowRegion] | None = None) -> np.ndarray | None:
+    def track(self, rgb: np.ndarray, follow: Callable[[], FollowRegion | None] | None = None) -> np.ndarray | None:
         """The landmarks of the face in rgb (H, W, 3) uint8, or None. follow: gives where the face was
-        (the previous frame's fit), called and tried only when FaceMesh finds nothing (not for photos)."""
-        following = follow is not None and not self.static
-        landmarks = self._find(rgb, search_small=not following)
+        (the previous frame's fit), or None where there is nothing to follow; called only when FaceMesh
+        finds nothing (not for photos), so a caller that fits frames later (capture.pipeline's batches)
+        needs the previous fit only then. While a region is followed, no new small face is searched for."""
+        follow = _once(follow) if follow is not None and not self.static else None
+        landmarks = self._find(rgb, search_small=lambda: follow is None or follow() is None)
         self.confidence = 1.0 if landmarks is not None else 0.0
-        if landmarks is None and following:
-            landmarks, presence = self._follow(rgb, follow())
+        region = follow() if landmarks is None and follow is not None else None
+        if region is not None:
+            landmarks, presence = self._follow(rgb, region)
             if landmarks is None or presence < FOLLOW_MIN_PRESENCE:
                 return None
             self.mode, self.confidence = "follow", FOLLOW_CONFIDENCE * presence
@@ -169,15 +183,16 @@ class FaceTracker:
                 break
         return best, best_presence
 
-    def _find(self, rgb: np.ndarray, search_small: bool = True) -> np.ndarray | None:
+    def _find(self, rgb: np.ndarray, search_small: Callable[[], bool] = lambda: True) -> np.ndarray | None:
         """FaceMesh on the whole frame, else (small faces) in a crop that follows its landmarks.
-        search_small False: no full-range detector for a new small face (a face is being followed)."""
+        search_small, asked only when FaceMesh misses: False, no full-range detector for a new small
+        face (a face is being followed)."""
         if self._roi is None:
             lm = self._mesh.detect(rgb)
             if lm is not None:
                 self.mode = "full"
                 return lm
-            if not (self.small_faces and search_small):
+            if not (self.small_faces and search_small()):
                 self.mode = "none"
                 return None
             box = self._detect_box(rgb)

@@ -110,15 +110,29 @@ class CoarseFitter:
         (a net that reads no landmarks ignores them)."""
         return self._run_on_crop(image, landmarks_px, K, feed_landmarks=True)
 
+    def predict_batch(self, images: list[np.ndarray], landmarks_px: list[np.ndarray],
+                      Ks: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """`predict` for several faces in one network pass (a GPU runs a batch for little more than
+        one crop): images (H, W, 3) uint8, landmarks (N, 2+) px and K (3, 3) per face."""
+        crops, cameras, fed = zip(*(self._crop(image, np.asarray(points, np.float64), K)
+                                    for image, points, K in zip(images, landmarks_px, Ks)))
+        out = self.runtime.run(np.stack(crops), np.stack(cameras), np.stack(fed))
+        return [{name: value[i] for name, value in out.items()} for i in range(len(images))]
+
+    def _crop(self, image: np.ndarray, points_px: np.ndarray, K: np.ndarray):
+        """(crop (S, S, 3) uint8, its camera (3, 3) float32, points_px (N, 2) in crop px float32) for the
+        crop made from points_px (N, 2+) image px."""
+        A = crop_transform(crop_box(points_px), self.runtime.input_size)
+        crop = crop_image(np.ascontiguousarray(image), A, self.runtime.input_size)
+        return crop, crop_camera(K, A).astype(np.float32), apply_affine(A, points_px).astype(np.float32)
+
     def _run_on_crop(self, image: np.ndarray, points_px: np.ndarray, K: np.ndarray,
                      feed_landmarks: bool) -> dict[str, np.ndarray]:
         """The net on the crop made from points_px (N, 2), fed those points in crop pixels or, without
         feed_landmarks, the stand-in for unknown ones; raw outputs, batch of one removed."""
-        S = self.runtime.input_size
-        A = crop_transform(crop_box(points_px), S)
-        crop = crop_image(np.ascontiguousarray(image), A, S)
-        fed = apply_affine(A, points_px)[None].astype(np.float32) if feed_landmarks else self._unknown_landmarks()
-        out = self.runtime.run(crop[None], crop_camera(K, A)[None].astype(np.float32), fed)
+        crop, camera, points = self._crop(image, points_px, K)
+        fed = points[None] if feed_landmarks else self._unknown_landmarks()
+        out = self.runtime.run(crop[None], camera[None], fed)
         return {name: value[0] for name, value in out.items()}
 
     def _unknown_landmarks(self) -> np.ndarray | None:
@@ -137,16 +151,20 @@ class CoarseFitter:
         return FitResult(out["rotation"].astype(np.float64), out["translation"].astype(np.float64), e,
                          self.identity.copy(), float("nan"))
 
-    def fit(self, landmarks_px: np.ndarray, K: np.ndarray, pin=None, image: np.ndarray | None = None) -> FitResult:
+    def fit(self, landmarks_px: np.ndarray, K: np.ndarray, pin=None, image: np.ndarray | None = None,
+            predicted: dict[str, np.ndarray] | None = None) -> FitResult:
         """Fit one frame: image (H, W, 3) uint8 RGB, its (N, 2+) landmarks px, camera matrix K.
 
         pin: optional callable (R, t) -> {expression index: value}, called with the
         final (refined) pose; those weights replace the network's (gaze, as in TakeFitter).
+        predicted: the network's outputs for this frame when it has already run (`predict_batch`).
         """
-        if image is None:
-            raise ValueError("CoarseFitter.fit needs the image: CoarseNet reads the face crop")
         landmarks_px = np.asarray(landmarks_px, np.float64)
-        out = self.predict(image, landmarks_px, K)
+        if predicted is None:
+            if image is None:
+                raise ValueError("CoarseFitter.fit needs the image: CoarseNet reads the face crop")
+            predicted = self.predict(image, landmarks_px, K)
+        out = predicted
         k, M = len(self.identity), self.basis.expression.shape[0]
         if out["identity"].shape != (k,) or out["expression"].shape != (M,):
             raise ValueError(f"CoarseNet gives {out['identity'].shape[0]} identity and {out['expression'].shape[0]} "

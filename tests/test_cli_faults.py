@@ -314,6 +314,7 @@ def test_stderr_closed_from_the_start(tmp_path):
 @pytest.mark.parametrize("argv, flag", [
     (["video", "{d12}", "--max-frames", "0"], "--max-frames"),
     (["video", "{d12}", "--max-frames", "-4"], "--max-frames"),
+    (["video", "{d12}", "--batch", "0"], "--batch"),
     (["video", "{d12}", "--focal-px", "nan"], "--focal-px"),
     (["video", "{d12}", "--focal-px", "inf"], "--focal-px"),
     (["video", "{d12}", "--focal-px", "-500"], "--focal-px"),

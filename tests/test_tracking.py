@@ -165,3 +165,69 @@ def test_a_head_held_in_full_profile_is_fitted_from_the_picture(model):
     fit = _take(model, pictures, follow=True, engine="fit")
     assert not any(r.from_picture for r in fit)
     assert sum(r.face_found for r in fit) < sum(r.face_found for r in results)
+
+
+def test_tracker_asks_for_the_region_only_when_facemesh_misses(turning_head):
+    """A caller that fits frames later (run_take's batches) must finish the earlier fits before the
+    tracker reads a region from them: so the region is asked for only on a frame FaceMesh misses."""
+    asked = []
+
+    def region():
+        asked.append(True)
+        return FollowRegion((160.0, 120.0), 150.0, 0.0)
+
+    with FaceTracker() as tracker:
+        assert tracker.track(turning_head[0], region) is not None and not asked
+        assert tracker.track(turning_head[YAWS.index(None)], region) is None
+        assert len(asked) == 1  # once per frame, though both the small-face search and the follow want it
+        assert tracker.track(turning_head[YAWS.index(None)], lambda: None) is None  # nothing to follow
+        assert tracker.mode != "follow"
+
+
+class _Pictures:
+    """Pictures as a recorded source at 30 frames/s."""
+
+    live = False
+    fps = 30.0
+    camera_matrix = None
+
+    def __init__(self, pictures):
+        from capture.sources import Frame
+
+        self.frames = [Frame(i, i / self.fps, p, "") for i, p in enumerate(pictures)]
+        self.frame_count = len(pictures)
+
+    def __iter__(self):
+        return iter(self.frames)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("yaws", [YAWS, HELD], ids=["turning", "held"])
+def test_a_batched_take_gives_what_one_frame_at_a_time_gives(model, yaws, tmp_path):
+    """run_take(batch=N): frames tracked ahead, CoarseNet on their crops in one pass, fitted in order.
+    Through profiles followed from the previous fit, faces fitted from the picture alone and empty
+    pictures, where the earlier frames must be finished before the next is tracked, the take's
+    files are those of one frame at a time (the network's batched arithmetic aside)."""
+    from capture.pipeline import run_take
+    from capture.sinks import load_track
+
+    pictures = _render(model, yaws)
+    tracks = {}
+    for batch in (1, 4):
+        capture = FaceCapture(model, LandmarkCorrespondence.load(), CaptureSettings())
+        try:
+            summary = run_take(_Pictures(pictures), capture, tmp_path / str(batch), "none", progress=False,
+                               batch=batch)
+        finally:
+            capture.close()
+        assert summary.frames == len(yaws)
+        tracks[batch] = load_track(tmp_path / str(batch) / "track.npz")
+    one, batched = tracks[1], tracks[4]
+    np.testing.assert_array_equal(batched["face_found"], [yaw is not None for yaw in yaws])
+    np.testing.assert_array_equal(batched["face_found"], one["face_found"])
+    np.testing.assert_array_equal(batched["confidence"], one["confidence"])  # followed and picture frames alike
+    assert (batched["confidence"] < 1.0).sum() >= 4
+    for name in ("blendshapes", "expression", "rotation", "translation", "landmarks68"):
+        np.testing.assert_allclose(batched[name], one[name], atol=1e-4, err_msg=name)
