@@ -3,7 +3,8 @@
 batched throughput, every row beside the CPU measured in the same run.
 
 Backends (engine.device): onnxruntime-cpu (always; one intra-op thread, spinning off, as `capture`
-runs it), onnxruntime-cuda (onnxruntime-gpu with a GPU), torch-cuda (torch with CUDA: the shipped
+runs it), tensorrt (FP16 engines of the shipped ONNX files, engine.trt_engine: built first if not
+cached), onnxruntime-cuda (onnxruntime-gpu with a GPU), torch-cuda (torch with CUDA: the shipped
 .pt files). A backend this machine cannot run is listed with the reason.
 
 Per backend, with the shipped weights (timings do not depend on the inputs, which are random):
@@ -32,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.coarse_fitting import open_runtime  # noqa: E402
-from engine.device import CPU_BACKEND, CUDA_BACKENDS, NO_GPU, PROBES, nvidia_device_present  # noqa: E402
+from engine.device import (CPU_BACKEND, CUDA_BACKENDS, NO_GPU, PROBES, nvidia_device_present,  # noqa: E402
+                           onnx_provider)
 from engine.fine_runtime import DEFAULT_WEIGHTS as FINE_ONNX  # noqa: E402
 from engine.fine_runtime import IN_CHANNELS  # noqa: E402
 
@@ -61,16 +63,16 @@ def networks(backend: str):
 
         from engine.finenet import load_weights
 
-        coarse = open_runtime("torch", cuda=True)
+        coarse = open_runtime("torch", provider="cuda")
         net = load_weights(FINE_ONNX.with_suffix(".pt")).to("cuda").eval()
 
         def fine(x):
             with torch.inference_mode():
                 return net(torch.from_numpy(x).to("cuda")).cpu().numpy()
         return coarse, fine
-    cuda = backend == "onnxruntime-cuda"
-    session = onnx_session(FINE_ONNX, cuda=cuda)
-    return open_runtime("onnx", cuda=cuda), lambda x: session.run(None, {"maps": x})[0]
+    provider = onnx_provider(backend)
+    session = onnx_session(FINE_ONNX, provider=provider)
+    return open_runtime("onnx", provider=provider), lambda x: session.run(None, {"maps": x})[0]
 
 
 def measure(backend: str, runs: int, warmup: int, batch: int) -> dict:

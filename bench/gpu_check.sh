@@ -17,7 +17,8 @@ REPORT=${1:-gpu_check.txt}
   $PY -m pytest -q -p no:cacheprovider tests/test_rasterizer.py -k "cuda" -rs 2>&1 | tail -15
   echo "== device choice and CUDA runtimes against the CPU"
   $PY -c "from engine.device import choose_device; print(choose_device('auto').line())"
-  $PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_train_fine.py -k "cuda or device" -rs 2>&1 \
+  $PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_trt_engine.py tests/test_train_fine.py \
+    -k "cuda or device or engine" -rs 2>&1 \
     | tail -15
   echo "== CoarseNet and FineNet per backend (batch 1, batched)"
   $PY bench/bench_device.py 2>&1 | tail -8

@@ -179,9 +179,9 @@ class FaceCapture:
             raise ValueError("the actor profile's shapes are not this face model's expression shapes")
         self._runtime = None  # bad weights fail here, before the tracker loads
         if self.settings.engine == "coarse":  # one runtime for the whole take (photos get a fitter each)
-            kind, cuda = coarse_runtime_on(self.settings.device_backend, self.settings.coarse_runtime,
-                                           self.settings.coarse_weights is not None)
-            self._runtime = open_runtime(kind, self.settings.coarse_weights, cuda)
+            kind, provider = coarse_runtime_on(self.settings.device_backend, self.settings.coarse_runtime,
+                                               self.settings.coarse_weights is not None)
+            self._runtime = open_runtime(kind, self.settings.coarse_weights, provider)
         # iris landmarks take no part in the lid/face fit: the eyeballs are rigid in the model
         self.basis = LandmarkBasis.from_correspondence(model, correspondence, exclude=IRIS_LANDMARKS)
         self.landmarks68 = Landmarks68(model, self.basis.identity.shape[0])

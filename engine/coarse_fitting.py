@@ -42,10 +42,11 @@ def runtime_for(weights: str | Path | None) -> str:
     return "torch" if weights is not None and Path(weights).suffix == ".pt" else "onnx"
 
 
-def open_runtime(kind: str = "onnx", weights: str | Path | None = None, cuda: bool = False) -> CoarseRuntime:
+def open_runtime(kind: str = "onnx", weights: str | Path | None = None, provider: str = "cpu") -> CoarseRuntime:
     """The CoarseNet runtime `kind` ("onnx": ONNX Runtime, one thread, no spinning; "torch")
-    on `weights` (None: the file shipped in engine/weights/ for that runtime), on the CPU or, with
-    cuda, on the GPU (engine.device.choose_device says which backend can)."""
+    on `weights` (None: the file shipped in engine/weights/ for that runtime), on the CPU or on the
+    GPU: provider "cuda" (ONNX Runtime's CUDA provider, or torch on CUDA) or "tensorrt" (the ONNX
+    file's TensorRT engine); engine.device.choose_device says which backend can."""
     if kind not in DEFAULT_WEIGHTS:
         raise ValueError(f"unknown CoarseNet runtime {kind!r} (choose from {', '.join(DEFAULT_WEIGHTS)})")
     path = Path(weights) if weights is not None else DEFAULT_WEIGHTS[kind]
@@ -56,11 +57,11 @@ def open_runtime(kind: str = "onnx", weights: str | Path | None = None, cuda: bo
         if kind == "onnx":
             from engine.runtime import OnnxRuntime
 
-            return OnnxRuntime(path, intra_op_threads=1, spinning=False, cuda=cuda)
+            return OnnxRuntime(path, intra_op_threads=1, spinning=False, provider=provider)
         from engine.coarsenet import load_weights
         from engine.runtime import TorchRuntime
 
-        return TorchRuntime(load_weights(path).to("cuda" if cuda else "cpu"))
+        return TorchRuntime(load_weights(path).to("cpu" if provider == "cpu" else "cuda"))
     except Exception as exc:  # noqa: BLE001 - protobuf, zip, pickle and shape errors all mean "unreadable"
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CoarseWeightsError(f"cannot read CoarseNet weights {path} as {kind}: {why}") from exc

@@ -1,9 +1,10 @@
 """Which device a take's networks run on: `--device cpu|cuda|auto` (issue 12).
 
-CUDA backends are tried in order, ONNX Runtime's CUDA execution provider (`onnxruntime-gpu`), then
+CUDA backends are tried in order: TensorRT engines built from the shipped ONNX files
+(engine.trt_engine; the `gpu` extra), ONNX Runtime's CUDA execution provider (`onnxruntime-gpu`), then
 torch on CUDA; each one passed over leaves its reason, and the CPU (ONNX Runtime) always works. So
 `auto` and `cuda` choose the same way, and a machine without a usable GPU runs on the CPU with one
-line saying why. TensorRT engines are not among the backends yet: nothing in capture builds them.
+line saying why.
 
 A cheap check comes first: without an NVIDIA device node (/dev/nvidia*) nothing is imported, so a
 CPU-only machine pays no start-up time for the question.
@@ -16,7 +17,7 @@ from typing import Callable
 
 DEVICES = ("auto", "cpu", "cuda")
 #: The backends, fastest first; the last is the CPU, which needs no probe.
-CUDA_BACKENDS = ("onnxruntime-cuda", "torch-cuda")
+CUDA_BACKENDS = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
 CPU_BACKEND = "onnxruntime-cpu"
 #: Why no CUDA backend was tried.
 NO_GPU = "cuda: no NVIDIA GPU on this machine (no /dev/nvidia*)"
@@ -76,7 +77,15 @@ def torch_cuda_problem() -> str | None:
     return None
 
 
-PROBES: dict[str, Callable[[], str | None]] = {"onnxruntime-cuda": onnxruntime_cuda_problem,
+def tensorrt_problem() -> str | None:
+    """Why TensorRT engines cannot run here (None: they can); engine.trt_engine's check."""
+    from engine.trt_engine import tensorrt_problem as problem
+
+    return problem()
+
+
+PROBES: dict[str, Callable[[], str | None]] = {"tensorrt": tensorrt_problem,
+                                               "onnxruntime-cuda": onnxruntime_cuda_problem,
                                                "torch-cuda": torch_cuda_problem}
 
 
@@ -100,15 +109,21 @@ def choose_device(requested: str = "auto", probes: dict[str, Callable[[], str | 
     return DeviceChoice(requested, CPU_BACKEND, tuple(passed_over))
 
 
-def coarse_runtime_on(backend: str, kind: str, weights_given: bool) -> tuple[str, bool]:
-    """(CoarseNet runtime kind, cuda) for engine.coarse_fitting.open_runtime on a backend: ONNX weights
-    run on ONNX Runtime's CUDA provider; torch-cuda runs the shipped .pt (or the given one) on torch;
-    given weights the backend cannot read stay on the CPU."""
-    if backend == "onnxruntime-cuda":
-        return kind, kind == "onnx"
+def onnx_provider(backend: str) -> str:
+    """Where an ONNX graph runs on a backend (engine.runtime.onnx_session's provider): TensorRT's engine,
+    ONNX Runtime's CUDA provider, else the CPU (torch-cuda runs torch, not ONNX graphs)."""
+    return {"tensorrt": "tensorrt", "onnxruntime-cuda": "cuda"}.get(backend, "cpu")
+
+
+def coarse_runtime_on(backend: str, kind: str, weights_given: bool) -> tuple[str, str]:
+    """(CoarseNet runtime kind, provider) for engine.coarse_fitting.open_runtime on a backend: ONNX
+    weights run as a TensorRT engine or on ONNX Runtime's CUDA provider; torch-cuda runs the shipped
+    .pt (or the given one) on torch; given weights the backend cannot read stay on the CPU."""
+    if backend in ("tensorrt", "onnxruntime-cuda"):
+        return kind, onnx_provider(backend) if kind == "onnx" else "cpu"
     if backend == "torch-cuda":
-        return ("torch", True) if not weights_given else (kind, kind == "torch")
-    return kind, False
+        return ("torch", "cuda") if not weights_given else (kind, "cuda" if kind == "torch" else "cpu")
+    return kind, "cpu"
 
 
 def torch_device(requested: str = "auto") -> tuple[str, str]:

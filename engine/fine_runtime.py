@@ -17,6 +17,7 @@ from engine.detail import (detailed_face_triangles, detailed_vertices, displaced
                            tangent_normal_map, texel_geometry, unwrap)
 from engine.lighting import fit_sh_lighting, sh_basis_np, srgb_to_linear
 from engine.runtime import onnx_session
+from engine.trt_engine import TensorRTError
 from engine.uvmap import DetailMesh, FaceUV
 
 #: Input channels: colour (3), lit (1), shading residual (1), shading response to slope along u and v (2).
@@ -94,18 +95,21 @@ class FineRuntime:
     """FineNet in ONNX Runtime with the face's layout: from a frame and its coarse fit to the detail.
 
     displacement(image, vertices_cam, K) -> the (R, R) map, mm; mesh_vertices places it
-    on the coarse mesh; normal_map gives a renderer's tangent-space normal texture. cuda: the net on
-    ONNX Runtime's CUDA provider (the unwrapping and the rest stay numpy).
+    on the coarse mesh; normal_map gives a renderer's tangent-space normal texture. provider: where
+    the net runs (engine.runtime.onnx_session: "cpu", "cuda", "tensorrt"; the unwrapping and the rest
+    stay numpy).
     """
 
-    def __init__(self, model, weights: str | Path | None = None, intra_op_threads: int = 1, cuda: bool = False):
+    def __init__(self, model, weights: str | Path | None = None, intra_op_threads: int = 1, provider: str = "cpu"):
         path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
         if not path.is_file():
             raise FineNetError(f"FineNet weights not found at {path} (train them: make weights)")
         try:
-            self.session = onnx_session(path, intra_op_threads, cuda=cuda)
+            self.session = onnx_session(path, intra_op_threads, provider=provider)
             meta = self.session.get_modelmeta().custom_metadata_map
             cfg = json.loads(meta["finenet_config"])
+        except TensorRTError as exc:
+            raise FineNetError(str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types
             raise FineNetError(f"{path} is not a FineNet ONNX file: {exc}") from exc
         self.map_px, self.max_mm = int(cfg["map_px"]), float(cfg["max_mm"])

@@ -20,8 +20,8 @@ Speed (bench/bench_coarsenet.py, batch 1, one EPYC core): ONNX Runtime with one 
 thread ≈ 0.8 ms, eager torch ≈ 4.6 ms. Two ORT threads help only with spinning on (≈ 0.55 ms),
 which keeps both cores busy; so the default is one thread, spinning off.
 
-TensorRT is not implemented: it cannot be installed or tested on the machines this
-was written on, and an untested engine builder would be a placeholder.
+On a GPU, OnnxRuntime runs on ONNX Runtime's CUDA provider or on the graph's TensorRT engine
+(engine.trt_engine), whichever engine.device chose.
 """
 from __future__ import annotations
 
@@ -138,12 +138,27 @@ class TorchRuntime(CoarseRuntime):
         return [o.float().cpu().numpy() for o in outs]
 
 
+#: Where an ONNX graph runs (onnx_session's provider): ONNX Runtime's CPU or CUDA provider, or a TensorRT engine.
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+
+
 def onnx_session(model: str | Path | bytes, intra_op_threads: int = 1, spinning: bool = False,
-                optimization: str = "all", cuda: bool = False):
+                 optimization: str = "all", provider: str = "cpu"):
     """An ONNX Runtime InferenceSession: sequential, one inter-op thread, spinning off unless asked
     (spinning pool threads take the CPU from the Python around them on a 2-core machine); on the CPU
-    provider, or with cuda on the CUDA provider (nodes it lacks run on the CPU), which
-    engine.device.choose_device has found usable."""
+    provider, or on the CUDA one (nodes it lacks run on the CPU), which engine.device.choose_device
+    has found usable. provider "tensorrt": the graph file's TensorRT engine behind the same interface
+    (engine.trt_engine.TensorRTSession; built on first use)."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
+    if provider == "tensorrt":
+        if isinstance(model, bytes):
+            raise ValueError("a TensorRT engine is built from an ONNX file, not from bytes")
+        import sys
+
+        from engine.trt_engine import TensorRTSession
+
+        return TensorRTSession(model, say=lambda line: print(f"capture: {line}", file=sys.stderr))
     try:
         import onnxruntime as ort
     except ImportError as exc:  # optional at import time of engine, needed here
@@ -162,12 +177,13 @@ def onnx_session(model: str | Path | bytes, intra_op_threads: int = 1, spinning:
     so.add_session_config_entry("session.intra_op.allow_spinning", flag)
     so.add_session_config_entry("session.inter_op.allow_spinning", flag)
     src = model if isinstance(model, bytes) else str(model)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(src, sess_options=so, providers=providers)
 
 
 class OnnxRuntime(CoarseRuntime):
-    """ONNX Runtime, CPU execution provider (cuda: the CUDA one).
+    """ONNX Runtime, CPU execution provider (provider "cuda": the CUDA one; "tensorrt": the file's TensorRT
+    engine, onnx_session).
 
     intra_op_threads: threads of one operator (1 = the calling thread only, no pool).
     spinning: whether pool threads busy-wait for work between operators; off by default,
@@ -177,8 +193,8 @@ class OnnxRuntime(CoarseRuntime):
     name = "onnxruntime"
 
     def __init__(self, model: str | Path | bytes, intra_op_threads: int = 1, spinning: bool = False,
-                 optimization: str = "all", cuda: bool = False):
-        self.session = onnx_session(model, intra_op_threads, spinning, optimization, cuda)
+                 optimization: str = "all", provider: str = "cpu"):
+        self.session = onnx_session(model, intra_op_threads, spinning, optimization, provider)
         self.intra_op_threads, self.spinning = int(intra_op_threads), bool(spinning)
         shape = self.session.get_inputs()[0].shape  # [batch, S, S, 3]
         self.input_size = int(shape[1])

@@ -26,13 +26,17 @@ def test_cpu_asked_probes_nothing():
 
 
 def test_backends_are_taken_in_order_and_each_one_passed_over_says_why():
-    both = choose_device("auto", _probes(onnxruntime_cuda=None, torch_cuda=None), lambda: True)
-    assert (both.backend, both.device, both.passed_over) == ("onnxruntime-cuda", "cuda", ())
-    torch_only = choose_device("auto", _probes(onnxruntime_cuda="no provider", torch_cuda=None), lambda: True)
-    assert torch_only.backend == "torch-cuda" and torch_only.passed_over == ("no provider",)
-    assert torch_only.line() == "device: cuda (torch-cuda); not no provider"
-    neither = choose_device("cuda", _probes(onnxruntime_cuda="no provider", torch_cuda="no GPU"), lambda: True)
-    assert neither.backend == CPU_BACKEND and neither.passed_over == ("no provider", "no GPU")
+    every = choose_device("auto", _probes(tensorrt=None, onnxruntime_cuda=None, torch_cuda=None), lambda: True)
+    assert (every.backend, every.device, every.passed_over) == ("tensorrt", "cuda", ())
+    both = choose_device("auto", _probes(tensorrt="no TensorRT", onnxruntime_cuda=None, torch_cuda=None), lambda: True)
+    assert (both.backend, both.device, both.passed_over) == ("onnxruntime-cuda", "cuda", ("no TensorRT",))
+    torch_only = choose_device("auto", _probes(tensorrt="no TensorRT", onnxruntime_cuda="no provider", torch_cuda=None),
+                               lambda: True)
+    assert torch_only.backend == "torch-cuda" and torch_only.passed_over == ("no TensorRT", "no provider")
+    assert torch_only.line() == "device: cuda (torch-cuda); not no TensorRT; not no provider"
+    neither = choose_device("cuda", _probes(tensorrt="no TensorRT", onnxruntime_cuda="no provider", torch_cuda="no GPU"),
+                            lambda: True)
+    assert neither.backend == CPU_BACKEND and neither.passed_over == ("no TensorRT", "no provider", "no GPU")
     assert len(neither.line().splitlines()) == 1 and "no provider" in neither.line() and "no GPU" in neither.line()
 
 
@@ -52,6 +56,8 @@ def test_this_machine_gets_a_backend_it_can_run():
     choice = choose_device("auto")
     if choice.backend == CPU_BACKEND:
         assert choice.passed_over, "a CPU choice under auto says why not the GPU"
+    elif choice.backend == "tensorrt":
+        assert dev.tensorrt_problem() is None
     elif choice.backend == "onnxruntime-cuda":
         assert dev.onnxruntime_cuda_problem() is None
     else:
@@ -59,11 +65,15 @@ def test_this_machine_gets_a_backend_it_can_run():
 
 
 def test_coarse_runtime_on_each_backend():
-    assert coarse_runtime_on(CPU_BACKEND, "onnx", False) == ("onnx", False)
-    assert coarse_runtime_on("onnxruntime-cuda", "onnx", False) == ("onnx", True)
-    assert coarse_runtime_on("onnxruntime-cuda", "torch", True) == ("torch", False)   # a .pt: torch on the CPU
-    assert coarse_runtime_on("torch-cuda", "onnx", False) == ("torch", True)          # the shipped .pt on CUDA
-    assert coarse_runtime_on("torch-cuda", "onnx", True) == ("onnx", False)           # a given .onnx: the CPU
+    assert coarse_runtime_on(CPU_BACKEND, "onnx", False) == ("onnx", "cpu")
+    assert coarse_runtime_on("tensorrt", "onnx", False) == ("onnx", "tensorrt")
+    assert coarse_runtime_on("tensorrt", "onnx", True) == ("onnx", "tensorrt")        # a given .onnx: its engine
+    assert coarse_runtime_on("tensorrt", "torch", True) == ("torch", "cpu")            # a .pt: torch on the CPU
+    assert coarse_runtime_on("onnxruntime-cuda", "onnx", False) == ("onnx", "cuda")
+    assert coarse_runtime_on("onnxruntime-cuda", "torch", True) == ("torch", "cpu")
+    assert coarse_runtime_on("torch-cuda", "onnx", False) == ("torch", "cuda")         # the shipped .pt on CUDA
+    assert coarse_runtime_on("torch-cuda", "onnx", True) == ("onnx", "cpu")            # a given .onnx: the CPU
+    assert [dev.onnx_provider(b) for b in (*dev.CUDA_BACKENDS, CPU_BACKEND)] == ["tensorrt", "cuda", "cpu", "cpu"]
 
 
 def _coarse_inputs(runtime, n=4, seed=0):
@@ -82,7 +92,7 @@ def _agree(a: dict, b: dict, atol: float):
 
 @needs_ort_cuda
 def test_coarsenet_on_onnxruntime_cuda_agrees_with_the_cpu():
-    cpu, gpu = open_runtime("onnx"), open_runtime("onnx", cuda=True)
+    cpu, gpu = open_runtime("onnx"), open_runtime("onnx", provider="cuda")
     assert "CUDAExecutionProvider" in gpu.session.get_providers()
     x = _coarse_inputs(cpu)
     _agree(cpu.run(*x[:2], x[2]), gpu.run(*x[:2], x[2]), atol=2e-3)
@@ -90,7 +100,7 @@ def test_coarsenet_on_onnxruntime_cuda_agrees_with_the_cpu():
 
 @needs_torch_cuda
 def test_coarsenet_on_torch_cuda_agrees_with_the_cpu():
-    cpu, gpu = open_runtime("onnx"), open_runtime("torch", cuda=True)
+    cpu, gpu = open_runtime("onnx"), open_runtime("torch", provider="cuda")
     assert gpu.device.type == "cuda"
     x = _coarse_inputs(cpu)
     _agree(cpu.run(*x[:2], x[2]), gpu.run(*x[:2], x[2]), atol=2e-3)
@@ -100,7 +110,7 @@ def test_coarsenet_on_torch_cuda_agrees_with_the_cpu():
 def test_finenet_on_onnxruntime_cuda_agrees_with_the_cpu(model):
     from engine.fine_runtime import FineRuntime, IN_CHANNELS
 
-    cpu, gpu = FineRuntime(model), FineRuntime(model, cuda=True)
+    cpu, gpu = FineRuntime(model), FineRuntime(model, provider="cuda")
     x = np.random.default_rng(1).normal(0, 0.3, (1, IN_CHANNELS, cpu.map_px, cpu.map_px)).astype(np.float32)
     a, b = (r.session.run(None, {"maps": x})[0] for r in (cpu, gpu))
     np.testing.assert_allclose(a, b, atol=1e-3)
