@@ -393,7 +393,10 @@ class FaceCapture:
         timings["fit"] = t2 - t1 + tracked.predict_s
 
         R, t, e = fit.rotation, fit.translation, fit.expression
-        calibrated = self._calibrated(e)
+        shapes = gaze.get("shapes")  # with depth: the engine's weights, which the blendshapes read
+        calibrated = self._calibrated(e if shapes is None else shapes)
+        if calibrated is None and shapes is not None:  # no calibration: the engine's own, filtered on their own
+            calibrated = shapes
         if self.settings.filtering and not self.settings.static:
             e = np.clip(self._expression_filter(e, time_s), 0.0, 1.0)
             if calibrated is not None:  # filtered on its own: the streams see smooth calibrated values
@@ -442,8 +445,17 @@ class FaceCapture:
                 fit = self.fitter.fit(landmarks, K, pin=pin, image=image)
         if depth_mm is not None:  # timed apart too ("depth"), inside "fit"
             t_depth = time.perf_counter()
+            engine_fit = fit
             fit, result.depth_samples, result.depth_residual_mm = self._refine_with_depth(fit, landmarks, K,
                                                                                           depth_mm, pin, gaze["pinned"])
+            if fit is not engine_fit and self.settings.depth.solve_expression:
+                # the depth reshapes the mesh through the expression weights, which then fit the surface but
+                # mean less (bench/eval_rgbd.py: blendshape MAE 0.033 -> 0.039): the blendshapes keep the
+                # engine's, their gaze and blink pinned at the refined pose
+                shapes = engine_fit.expression.copy()
+                pinned = list(gaze["pinned"])
+                shapes[pinned] = fit.expression[pinned]
+                gaze["shapes"] = shapes
             result.timings_s["depth"] = time.perf_counter() - t_depth
         return fit
 

@@ -8,18 +8,20 @@ Samples the depth cannot see (no data, grazing surface, occluded, or further tha
 from the model) take no part. Residuals are in cm, as the landmark term's (engine.fitting),
 so both sit in one Gauss-Newton system.
 
-DepthRefiner runs that system after either engine's fit: the head pose moves, placed by
-the depth with the landmarks weighted low (expression stays the engine's: refining it against
-depth and landmarks made the blendshapes worse, bench/eval_rgbd.py,
-DepthSettings.solve_expression), and over the first frames with depth the identity is
-solved from the depth alone (the landmarks' own biases, a few mm where MediaPipe's points
-and the model's disagree, would pass into it), together with those frames' poses, and
-locked, sooner than landmarks alone allow.
+DepthRefiner runs that system after either engine's fit: the head pose and the expression move,
+placed by the depth with the landmarks weighted low and the expression pulled loosely towards
+the engine's (DepthSettings.solve_expression, expression_prior). The weights the depth finds fit
+the surface better but read worse as blendshapes (bench/eval_rgbd.py), so capture.pipeline gives
+the mesh the refined expression and the blendshapes the engine's. Over the first frames with
+depth the identity is solved from the depth alone (the landmarks' own biases, a few mm where
+MediaPipe's points and the model's disagree, would pass into it), together with those frames'
+poses and expressions, and locked, sooner than landmarks alone allow.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numba
 import numpy as np
 
 from engine.facemodel import FACE_VERTICES, FaceModel
@@ -39,16 +41,25 @@ class DepthSettings:
     min_normal_agreement: float = 0.7   # cos between the model's and the depth's normal: else another surface
     normal_step_px: int = 2             # neighbour distance for the depth surface's normal
     iterations: int = 1                 # Gauss-Newton steps per frame
-    solve_expression: bool = False      # refine the expression too (else pose and identity only)
-    expression_prior: float = 0.5       # pulls the expression towards the engine's (cm² per unit²)
+    solve_expression: bool = True       # refine the expression too (else pose and identity only); the mesh
+                                        # takes it, the blendshapes keep the engine's (capture.pipeline)
+    expression_prior: float = 8.0       # pulls the expression towards the engine's (cm² per unit²): loose,
+                                        # the depth bends the mesh where no weight means it (0.5 did: bench/
+                                        # eval_rgbd.py dev seeds 37 and 41, face vertices 2.36 with 0.5, 1.83 with 8)
     identity_frames: int = 10           # frames with depth before the identity locks
     identity_prior: float = 0.2         # per frame, against identity weights ~ N(0, 1)
     identity_landmark_weight: float = 0.0  # the landmarks' part in shaping the identity (0: depth alone)
     identity_rounds: int = 16           # at lock time: Gauss-Newton steps on the identity and its frames' poses
+    identity_expression_prior: float = 8.0  # > 0: those steps also solve each frame's expression, pulled to the
+                                        # engine's with this weight (cm² per unit²); 0: the engine's held, whose
+                                        # errors the identity then absorbs (dev seeds: given the true expression
+                                        # there, the identity's own error fell 1.78 -> 1.28 mm)
     identity_gate_cm: float = 1.2       # the identity solve's gate: tighter than the pose's (a sample 2 cm off
                                         # has met another surface: the nose's side, the chin), wide enough for
                                         # sensor noise (0.5 cm dropped good samples of a noisy depth: bench/
                                         # eval_rgbd.py dev seeds 37 and 41, face vertices 2.5 -> 2.2 mm)
+    landmark_expression: bool = False   # the landmarks shape the expression too (else the pose only: dev seeds,
+                                        # face vertices 1.84 -> 1.89 and 1.77 -> 1.79 mm, the refinement 0.45 ms faster)
     landmark_weight: float = 0.03       # the landmarks' part in placing the head beside the depth: their
                                         # bias against the model turned the head and shaped the face wrong
     min_samples: int = 50               # fewer seen samples than this: the frame is left as fitted
@@ -110,6 +121,13 @@ class DepthBasis:
     vertex_ids: np.ndarray
     normals: np.ndarray
     front: np.ndarray
+    expression_per_sample: np.ndarray = field(init=False, repr=False)  # (S, 3, M): a sample's rows gathered fast
+    identity_per_sample: np.ndarray = field(init=False, repr=False)    # (S, 3, K)
+
+    def __post_init__(self):
+        for name, modes in (("expression_per_sample", self.basis.expression),
+                            ("identity_per_sample", self.basis.identity)):
+            object.__setattr__(self, name, np.ascontiguousarray(np.transpose(modes, (1, 2, 0))))
 
     @classmethod
     def build(cls, model: FaceModel, n_identity: int = 60, spacing_cm: float = 0.6) -> "DepthBasis":
@@ -122,28 +140,46 @@ class DepthBasis:
 def depth_at(depth_cm: np.ndarray, K: np.ndarray, uv_px: np.ndarray, step_px: int):
     """The depth surface at pixels uv_px (N, 2): points (N, 3) cm, unit normals (N, 3) towards
     the camera, and which of them are valid (N,) (in the image, depth there and at the four
-    neighbours step_px away, no jump between them)."""
-    H, W = depth_cm.shape
-    s = int(step_px)
-    u = np.rint(uv_px[:, 0]).astype(np.int64)
-    v = np.rint(uv_px[:, 1]).astype(np.int64)
-    ok = (u >= s) & (u < W - s) & (v >= s) & (v < H - s)
-    u, v = np.where(ok, u, s), np.where(ok, v, s)
-    # the pixel and its left, right, upper and lower neighbours: (5, N)
-    uu = u + np.array([0, -s, s, 0, 0])[:, None]
-    vv = v + np.array([0, 0, 0, -s, s])[:, None]
-    z = depth_cm[vv, uu].astype(np.float64)
-    x = (uu - K[0, 2]) * z / K[0, 0]
-    y = (vv - K[1, 2]) * z / K[1, 1]
-    P = np.stack([x[0], y[0], z[0]], axis=1)
-    a = np.stack([x[2] - x[1], y[2] - y[1], z[2] - z[1]], axis=1)   # right - left
-    c = np.stack([x[4] - x[3], y[4] - y[3], z[4] - z[3]], axis=1)   # down - up
-    n = np.cross(a, c)
-    norm = np.sqrt(np.einsum("ij,ij->i", n, n))
-    ok &= (z > 0).all(axis=0) & (np.ptp(z, axis=0) < 1.0) & (norm > 0)
-    n /= np.maximum(norm, 1e-12)[:, None]
-    n *= np.where(n[:, 2] > 0, -1.0, 1.0)[:, None]  # towards the camera (-z)
+    neighbours step_px away, no jump between them). A compiled loop: it runs several times a frame,
+    and numpy's version spent most of its time gathering and stacking (N, 5) temporaries."""
+    P, n, ok = _depth_at(np.ascontiguousarray(depth_cm, np.float32), float(K[0, 0]), float(K[1, 1]), float(K[0, 2]),
+                         float(K[1, 2]), np.ascontiguousarray(uv_px, np.float64), int(step_px))
     return P, n, ok
+
+
+@numba.njit(cache=True, nogil=True)
+def _depth_at(depth, fx, fy, cx, cy, uv, s):
+    H, W = depth.shape
+    N = uv.shape[0]
+    P = np.zeros((N, 3))
+    normal = np.zeros((N, 3))
+    ok = np.zeros(N, np.bool_)
+    du = (0, -s, s, 0, 0)
+    dv = (0, 0, 0, -s, s)
+    x = np.empty(5)
+    y = np.empty(5)
+    z = np.empty(5)
+    for i in range(N):
+        u0 = np.rint(uv[i, 0])
+        v0 = np.rint(uv[i, 1])
+        inside = (u0 >= s) and (u0 < W - s) and (v0 >= s) and (v0 < H - s)
+        u = int(u0) if inside else s
+        v = int(v0) if inside else s
+        for j in range(5):
+            zz = np.float64(depth[v + dv[j], u + du[j]])
+            z[j] = zz
+            x[j] = (u + du[j] - cx) * zz / fx
+            y[j] = (v + dv[j] - cy) * zz / fy
+        P[i, 0], P[i, 1], P[i, 2] = x[0], y[0], z[0]
+        ax, ay, az = x[2] - x[1], y[2] - y[1], z[2] - z[1]     # right - left
+        bx, by, bz = x[4] - x[3], y[4] - y[3], z[4] - z[3]     # down - up
+        nx, ny, nz = ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx
+        norm = np.sqrt(nx * nx + ny * ny + nz * nz)
+        zmin, zmax = z.min(), z.max()
+        ok[i] = inside and zmin > 0 and zmax - zmin < 1.0 and norm > 0
+        scale = (-1.0 if nz > 0 else 1.0) / max(norm, 1e-12)   # unit, towards the camera (-z)
+        normal[i, 0], normal[i, 1], normal[i, 2] = nx * scale, ny * scale, nz * scale
+    return P, normal, ok
 
 
 def depth_linearise(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, R: np.ndarray, t: np.ndarray,
@@ -169,9 +205,9 @@ def depth_linearise(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, R: 
     Jt[3:6] = n.T
     g = n @ R                                  # model-space gradient of the residual, per sample
     if solve_expression:
-        Jt[6:6 + M] = _directional(b.expression_xyz, idx, g)
+        Jt[6:6 + M] = _directional(dbasis.expression_per_sample, idx, g)
     if solve_identity:
-        Jt[rows - k:] = _directional(b.identity_xyz[:, :k], idx, g)
+        Jt[rows - k:] = _directional(dbasis.identity_per_sample[:, :, :k], idx, g)
     return r * w, Jt * w
 
 
@@ -185,9 +221,9 @@ def _seen(dbasis: DepthBasis, R: np.ndarray, X: np.ndarray, n: np.ndarray, r: np
             & (agree > settings.min_normal_agreement))
 
 
-def _directional(dirs_xyz: np.ndarray, idx: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """(Q, S): each model direction dirs_xyz (3, Q, N) at samples idx (S,) dotted with g (S, 3)."""
-    return dirs_xyz[0][:, idx] * g[:, 0] + dirs_xyz[1][:, idx] * g[:, 1] + dirs_xyz[2][:, idx] * g[:, 2]
+def _directional(dirs: np.ndarray, idx: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(Q, S): each model direction dirs (N, 3, Q) at samples idx (S,) dotted with g (S, 3)."""
+    return np.matmul(g[:, None, :], dirs[idx])[:, 0].T
 
 
 def depth_shift_cm(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, R: np.ndarray, t: np.ndarray,
@@ -265,7 +301,7 @@ class DepthRefiner:
         lm = np.asarray(landmarks_px, np.float64)[:, :2]
 
         def extra(R, t, e):
-            return depth_linearise(self.depth, depth_cm, K, R, t, e, identity, s)
+            return depth_linearise(self.depth, depth_cm, K, R, t, e, identity, s, solve_expression=s.solve_expression)
 
         R, t, e = fit.rotation, fit.translation, prior_e
         shift, seen = depth_shift_cm(self.depth, depth_cm, K, R, t, e, identity)
@@ -274,7 +310,8 @@ class DepthRefiner:
         t = t + shift
         R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, s.iterations,
                                      lower=lower, upper=upper, extra=extra, expression_target=prior_e,
-                                     solve_expression=s.solve_expression, landmark_weight=s.landmark_weight)
+                                     solve_expression=s.solve_expression, landmark_weight=s.landmark_weight,
+                                     landmark_expression=s.landmark_expression)
         if not self.identity_locked:
             self._kept.append([lm, K, R, t, e, depth_cm])
             identity = self._update_identity(lm, K, R, t, e, identity, depth_cm)
@@ -282,7 +319,8 @@ class DepthRefiner:
                 identity = self.identity = self._settle_identity(identity)
             R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, 1,
                                          lower=lower, upper=upper, extra=extra, expression_target=prior_e,
-                                         solve_expression=s.solve_expression, landmark_weight=s.landmark_weight)
+                                         solve_expression=s.solve_expression, landmark_weight=s.landmark_weight,
+                                     landmark_expression=s.landmark_expression)
         refined = FitResult(R, t, e, identity.copy(), fit.rms_px)
         residual_mm, seen = depth_residual_mm(self.depth, depth_cm, K, refined, s)
         return refined, seen, residual_mm
@@ -310,39 +348,50 @@ class DepthRefiner:
         s = self.settings
         k = len(identity)
         frames = self._kept
+        with_e = s.identity_expression_prior > 0
+        M = self.landmarks.expression.shape[0] if with_e else 0
+        engine_e = [frame[4].copy() for frame in frames]
         for _ in range(s.identity_rounds):
             S = s.identity_prior * len(frames) * np.eye(k)
             c = s.identity_prior * len(frames) * identity
             blocks = []
-            for frame in frames:
-                r, J = self._frame_equations(*frame[:5], identity, frame[5])
+            for frame, e0 in zip(frames, engine_e):
+                r, J = self._frame_equations(*frame[:5], identity, frame[5], solve_expression=with_e)
                 H, g = J @ J.T, J @ r
-                Hpp = H[:6, :6] + 1e-6 * np.eye(6)
-                Hpi, gp = H[:6, 6:], g[:6]
+                q = 6 + M                  # the frame's own unknowns: pose, then expression
+                Hpp = H[:q, :q] + 1e-6 * np.eye(q)
+                gp = g[:q].copy()
+                if with_e:                 # the expression's pull towards the engine's
+                    Hpp[6:, 6:] += s.identity_expression_prior * np.eye(M)
+                    gp[6:] += s.identity_expression_prior * (frame[4] - e0)
+                Hpi = H[:q, q:]
                 X = np.linalg.solve(Hpp, np.column_stack([Hpi, gp]))
-                S += H[6:, 6:] - Hpi.T @ X[:, :k]
-                c += g[6:] - Hpi.T @ X[:, k]
+                S += H[q:, q:] - Hpi.T @ X[:, :k]
+                c += g[q:] - Hpi.T @ X[:, k]
                 blocks.append(X)
             step = -np.linalg.solve(S, c)
             identity = identity + step
             for frame, X in zip(frames, blocks):
                 dp = -(X[:, k] + X[:, :k] @ step)
                 frame[2] = rodrigues(dp[:3]) @ frame[2]
-                frame[3] = frame[3] + dp[3:]
+                frame[3] = frame[3] + dp[3:6]
+                if with_e:
+                    frame[4] = np.clip(frame[4] + dp[6:], 0.0, 1.0)
         self._kept = []
         return identity
 
-    def _frame_equations(self, lm, K, R, t, e, identity, depth_cm):
-        """Residuals (n,) and pose-then-identity Jacobian rows (6 + K, n) of one frame, expression
-        held: the depth; the landmarks at settings.landmark_weight placing the head only (their
-        few millimetres of bias against the model would pass into the face shape); and, at
-        settings.identity_landmark_weight, the landmarks shaping the face too."""
+    def _frame_equations(self, lm, K, R, t, e, identity, depth_cm, solve_expression: bool = False):
+        """Residuals (n,) and pose[-expression]-identity Jacobian rows (6 [+ M] + K, n) of one frame,
+        expression held unless solve_expression: the depth; the landmarks at settings.landmark_weight
+        placing the head only (their few millimetres of bias against the model would pass into the
+        face shape); and, at settings.identity_landmark_weight, the landmarks shaping the face too."""
         s = self.settings
         r, J = depth_linearise(self.depth, depth_cm, K, R, t, e, identity, replace(s, gate_cm=s.identity_gate_cm),
-                               solve_expression=False, solve_identity=True)
+                               solve_expression=solve_expression, solve_identity=True)
         parts_r, parts_J = [r], [J]
         if s.landmark_weight > 0 or s.identity_landmark_weight > 0:
-            r1, J1 = linearise(self.landmarks, lm, K, R, t, e, identity, solve_expression=False, solve_identity=True)
+            r1, J1 = linearise(self.landmarks, lm, K, R, t, e, identity, solve_expression=solve_expression,
+                               solve_identity=True)
             if s.landmark_weight > 0:
                 w = np.sqrt(s.landmark_weight)
                 pose_only = J1 * w

@@ -204,7 +204,7 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
                        settings: FitSettings, iterations: int, solve_expression: bool = True,
                        lower: np.ndarray | None = None, upper: np.ndarray | None = None,
                        extra=None, expression_target: np.ndarray | None = None,
-                       landmark_weight: float = 1.0):
+                       landmark_weight: float = 1.0, landmark_expression: bool = True):
     """Gauss-Newton on pose and bounded expression; returns (R, t, expression).
 
     Expression weights stay in [lower, upper] (default [0, 1]); equal bounds pin a weight.
@@ -212,6 +212,7 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
     rows (e.g. engine.depth_fit's depth term), solved together with the landmarks.
     expression_target: where the expression prior pulls (default 0).
     landmark_weight: scales the landmarks' squared residuals against extra's.
+    landmark_expression False: the landmarks place the pose only; the expression is extra's and the prior's.
     """
     M = basis.expression.shape[0]
     lower = np.zeros(M) if lower is None else lower
@@ -222,15 +223,17 @@ def gauss_newton_frame(basis: LandmarkBasis, landmarks_px: np.ndarray, K: np.nda
     reg[:6] = 1e-6
     target = np.zeros(M) if expression_target is None else expression_target
     for _ in range(iterations):
-        r, Jt = linearise(basis, landmarks_px, K, R, t, e, identity, solve_expression)
+        r, Jt = linearise(basis, landmarks_px, K, R, t, e, identity, solve_expression and landmark_expression)
         if landmark_weight != 1.0:
             r, Jt = r * np.sqrt(landmark_weight), Jt * np.sqrt(landmark_weight)
+        H, g = np.zeros((n_var, n_var)), np.zeros(n_var)
+        q = len(Jt)
+        H[:q, :q], g[:q] = Jt @ Jt.T, Jt @ r
         if extra is not None:
             r2, Jt2 = extra(R, t, e)
-            r, Jt = np.concatenate([r, r2]), np.concatenate([Jt, Jt2[:n_var]], axis=1)
-        H = Jt @ Jt.T
+            H += Jt2[:n_var] @ Jt2[:n_var].T
+            g += Jt2[:n_var] @ r2
         H[np.diag_indices(n_var)] += reg
-        g = Jt @ r
         if solve_expression:
             g[6:] += settings.expression_prior * (e - target)
         delta = _bounded_step(H, g, e if solve_expression else None, lower, upper)

@@ -256,3 +256,36 @@ def test_biased_landmarks_neither_turn_the_head_nor_shape_the_face(model, bases)
     # weight; the mean face is 4.70 mm off
     assert depth_led[0] < 0.75 * landmark_led[0]
     assert depth_led[1] < 0.7 * landmark_led[1] and depth_led[1] < 0.25 * mean_face
+
+
+def test_expressions_the_engine_missed_do_not_shape_the_identity(model, bases):
+    """The identity frames' expressions are the engine's, and an engine misses some (CoarseNet
+    under-reads): held, their shape passes into the identity; solved with it (pulled loosely to the
+    engine's, identity_expression_prior), it does not, and the refined frames' mesh follows the depth."""
+    landmarks, dbasis = bases
+    identity = np.clip(np.random.default_rng(9).normal(0, 1, 60), -2.5, 2.5)
+    expression = np.zeros(model.n_expression)
+    for name, value in (("jawOpen", 0.35), ("mouthSmile_L", 0.5), ("mouthSmile_R", 0.5), ("browInnerUp_L", 0.4),
+                        ("browInnerUp_R", 0.4)):
+        expression[model.expression_names.index(name)] = value
+
+    def run(settings):
+        refiner = DepthRefiner(landmarks, dbasis, settings)
+        for k in range(settings.identity_frames + 1):
+            R = model_to_camera(0.25 * (k % 4 - 1.5), 0.1 * (-1) ** k, 0.0)
+            t = np.array([0.0, 0.0, 60.0 + k])
+            verts = model.vertices(identity.astype(np.float32), expression.astype(np.float32))
+            depth, _ = render_depth_mm(verts.astype(np.float64) @ R.T + t, model.triangles, K, (W, H))
+            lm = _landmarks(landmarks, identity, expression, R, t)
+            start = FitResult(R, t, np.zeros(model.n_expression), np.zeros(60), 0.0)  # the engine saw no expression
+            fit, _, _ = refiner.refine(start, lm, K, depth)
+        shape = model.vertices(refiner.identity.astype(np.float32))[FACE_VERTICES]
+        truth = model.vertices(identity.astype(np.float32))[FACE_VERTICES]
+        posed = model.vertices(fit.identity.astype(np.float32), fit.expression.astype(np.float32))[FACE_VERTICES]
+        return 10 * _rigidly_aligned_error(shape, truth), 10 * _rigidly_aligned_error(posed, verts[FACE_VERTICES])
+
+    held = run(DepthSettings(identity_frames=4, solve_expression=False, identity_expression_prior=0.0))
+    solved = run(DepthSettings(identity_frames=4))
+    # measured: identity 2.31 mm held, 1.34 solved; the last frame's mesh 2.14 and 1.48 mm
+    assert solved[0] < 0.8 * held[0]
+    assert solved[1] < 0.8 * held[1]

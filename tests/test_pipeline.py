@@ -252,3 +252,32 @@ def test_depth_refines_real_kinect_frames(face_model):
         nose_cm = np.median(nose_cm[nose_cm > 0]) / 10
         tip = capture.basis.points(d.identity, d.expression)[1] @ d.rotation.T + d.translation
         assert abs(tip[2] - nose_cm) < 0.5
+
+
+def test_with_depth_the_mesh_takes_the_depths_expression_and_the_blendshapes_the_engines(face_model):
+    """The depth refines the expression for the mesh; its weights fit the surface but read worse as
+    blendshapes, so those stay the engine's: the same as the colour-only take's on the same frames
+    (CoarseNet's expression does not depend on the identity or the depth), apart from the eyes' gaze
+    and blink, which are pinned at each take's own head pose."""
+    from capture.sources import RGBDFolderSource
+    from engine.arkit import ARKIT_NAMES, arkit_from_model
+
+    with RGBDFolderSource(BIWI) as source:
+        frames = list(source)
+        K = source.camera_matrix
+    takes = {}
+    for name in ("colour", "rgbd"):  # a capture each: MediaPipe's tracking state starts alike
+        capture = FaceCapture(face_model, LandmarkCorrespondence.load(),
+                              CaptureSettings(filtering=False, auto_neutral=False))
+        try:
+            takes[name] = [capture.process(f.image, f.time_s, f.index, f.depth_mm if name == "rgbd" else None, K)
+                           for f in frames]
+        finally:
+            capture.close()
+    colour, rgbd = takes["colour"], takes["rgbd"]
+    mapping = face_model.arkit_mapping()
+    not_eyes = [i for i, name in enumerate(ARKIT_NAMES) if not name.startswith(("eyeLook", "eyeBlink"))]
+    for c, d in zip(colour, rgbd):
+        np.testing.assert_allclose(c.blendshapes, arkit_from_model(c.expression, mapping), atol=1e-12)
+        np.testing.assert_allclose(d.blendshapes[not_eyes], c.blendshapes[not_eyes], atol=1e-9)
+        assert np.abs(d.expression - c.expression).max() > 0.01  # the mesh's weights moved with the depth
