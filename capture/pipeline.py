@@ -346,8 +346,9 @@ class FaceCapture:
         t0 = time.perf_counter()
         outs = iter(self.fitter.predict_batch([f.image for f in found], [f.landmarks for f in found],
                                               [f.K for f in found]))
+        share = (time.perf_counter() - t0) / len(found)
         for f in found:
-            f.predict_s = (time.perf_counter() - t0) / len(found)
+            f.predict_s = share
         return [next(outs) if f.landmarks is not None else None for f in tracked]
 
     def finish(self, tracked: TrackedFrame, predicted: dict | None = None) -> FrameResult:

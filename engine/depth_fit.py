@@ -50,6 +50,7 @@ class DepthSettings:
     identity_prior: float = 0.2         # per frame, against identity weights ~ N(0, 1)
     identity_landmark_weight: float = 0.0  # the landmarks' part in shaping the identity (0: depth alone)
     identity_rounds: int = 16           # at lock time: Gauss-Newton steps on the identity and its frames' poses
+                                        # (and expressions)
     identity_expression_prior: float = 8.0  # > 0: those steps also solve each frame's expression, pulled to the
                                         # engine's with this weight (cm² per unit²); 0: the engine's held, whose
                                         # errors the identity then absorbs (dev seeds: given the true expression
@@ -142,9 +143,8 @@ def depth_at(depth_cm: np.ndarray, K: np.ndarray, uv_px: np.ndarray, step_px: in
     the camera, and which of them are valid (N,) (in the image, depth there and at the four
     neighbours step_px away, no jump between them). A compiled loop: it runs several times a frame,
     and numpy's version spent most of its time gathering and stacking (N, 5) temporaries."""
-    P, n, ok = _depth_at(np.ascontiguousarray(depth_cm, np.float32), float(K[0, 0]), float(K[1, 1]), float(K[0, 2]),
-                         float(K[1, 2]), np.ascontiguousarray(uv_px, np.float64), int(step_px))
-    return P, n, ok
+    return _depth_at(np.ascontiguousarray(depth_cm), float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]),
+                     np.ascontiguousarray(uv_px, np.float64), int(step_px))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -320,7 +320,7 @@ class DepthRefiner:
             R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, 1,
                                          lower=lower, upper=upper, extra=extra, expression_target=prior_e,
                                          solve_expression=s.solve_expression, landmark_weight=s.landmark_weight,
-                                     landmark_expression=s.landmark_expression)
+                                         landmark_expression=s.landmark_expression)
         refined = FitResult(R, t, e, identity.copy(), fit.rms_px)
         residual_mm, seen = depth_residual_mm(self.depth, depth_cm, K, refined, s)
         return refined, seen, residual_mm
@@ -341,8 +341,9 @@ class DepthRefiner:
         return self.identity
 
     def _settle_identity(self, identity: np.ndarray) -> np.ndarray:
-        """Gauss-Newton on the identity and every identity frame's pose together (expression held),
-        the poses eliminated by their Schur complement. Solving them in turn converges slowly:
+        """Gauss-Newton on the identity and every identity frame's pose (and, with
+        settings.identity_expression_prior, expression) together, the frames' unknowns eliminated by
+        their Schur complement. Solving them in turn converges slowly:
         part of a face-shape error looks like a small turn or shift of the head, and a pose
         solved under the wrong face keeps it."""
         s = self.settings

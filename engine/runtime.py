@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -154,8 +155,6 @@ def onnx_session(model: str | Path | bytes, intra_op_threads: int = 1, spinning:
     if provider == "tensorrt":
         if isinstance(model, bytes):
             raise ValueError("a TensorRT engine is built from an ONNX file, not from bytes")
-        import sys
-
         from engine.trt_engine import TensorRTSession
 
         return TensorRTSession(model, say=lambda line: print(f"capture: {line}", file=sys.stderr))
