@@ -34,7 +34,17 @@ class FullDisk:
         return self
 
     def used(self) -> int:
-        return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(self.root) for f in files)
+        """Bytes under root. Another thread (the mesh writer) may rename or remove a file between the
+        listing and its lstat: such a file is counted under its new name or not at all, never an error
+        a real disk would not give."""
+        total = 0
+        for d, _, files in os.walk(self.root):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(d, f)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
 
     def _inside(self, fd: int) -> bool:
         try:
