@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with an NVIDIA GPU, nvcc and cmake (run from the repository root):
-# builds cuda_ext, runs the CUDA tests, the CUDA runtimes' and FineNet training's (tests/test_device.py,
-# tests/test_train_fine.py), times the rasterizer (numba vs CUDA) and the networks per backend
+# builds cuda_ext, runs the CUDA tests, the CUDA runtimes' and the networks' training's (tests/test_device.py,
+# tests/test_trt_engine.py, tests/test_train_fine.py, tests/test_train_coarse.py), times the rasterizer (numba vs CUDA) and the networks per backend
 # (bench/bench_device.py) and batched 720p video (bench/bench_batch.py). REPORT (default gpu_check.txt) gets
 # everything printed. PYTHON picks the interpreter (default python3); CAPTURE_FACE_MODEL points at the face
 # model where ../shared is not beside the project.
@@ -18,6 +18,7 @@ REPORT=${1:-gpu_check.txt}
   echo "== device choice and CUDA runtimes against the CPU"
   $PY -c "from engine.device import choose_device; print(choose_device('auto').line())"
   $PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_trt_engine.py tests/test_train_fine.py \
+    tests/test_train_coarse.py \
     -k "cuda or device or engine" -rs 2>&1 \
     | tail -15
   echo "== CoarseNet and FineNet per backend (batch 1, batched)"

@@ -308,7 +308,7 @@ def translation_from_crop(crop_xy: torch.Tensor, log_scale: torch.Tensor, rotati
     z = crop_focal_px(K).unsqueeze(-1) / s                                        # (B, 1) cm
     ray = _solve3(K, torch.cat([uv, torch.ones_like(uv[:, :1])], dim=-1))
     anchor_cam = z * ray / ray[:, 2:3]
-    anchor = torch.tensor(config.anchor_cm, dtype=crop_xy.dtype)
+    anchor = torch.tensor(config.anchor_cm, dtype=crop_xy.dtype, device=crop_xy.device)
     return anchor_cam - (rotation @ anchor.unsqueeze(-1)).squeeze(-1)
 
 
@@ -319,7 +319,7 @@ def crop_params_from_translation(translation: torch.Tensor, rotation: torch.Tens
     S = float(config.input_size)
     B = translation.shape[0]
     K = _batched_K(K_crop, B).to(translation.dtype)
-    anchor = torch.tensor(config.anchor_cm, dtype=translation.dtype)
+    anchor = torch.tensor(config.anchor_cm, dtype=translation.dtype, device=translation.device)
     X = (rotation @ anchor.unsqueeze(-1)).squeeze(-1) + translation                # anchor in camera, cm
     p = (K @ X.unsqueeze(-1)).squeeze(-1)
     uv = p[:, :2] / p[:, 2:3]

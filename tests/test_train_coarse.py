@@ -356,3 +356,44 @@ def test_depth_section_defaults_off_and_is_checked(shard_dir, model, corr, tmp_p
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     depth = [r["depth"] for r in records if "loss" in r]
     assert len(depth) == 2 and all(np.isfinite(d) and d > 0 for d in depth)
+
+
+def test_every_tensor_of_a_training_step_follows_the_nets_device(shard_dir, model, corr):
+    """A training step on torch's "meta" device (shapes only, no numbers): most operations given a CPU
+    tensor beside meta ones raise, as they would beside CUDA tensors (a CPU tensor made in the
+    landmarks' dropout does; a CPU operand of a matrix product does not, so this is a partial check).
+    This machine has no GPU; this is how far the GPU path is checked here."""
+    ncfg = CoarseNetConfig(**TINY_MODEL)
+    net = tc.CoarseNet(ncfg).to("meta")
+    geometry = losses.LossGeometry(model, corr).to("meta")
+    b = {k: v.to("meta") for k, v in tc.to_tensors({k: v[:4] for k, v in
+                                                     tc.load_shards(shard_dir / "train").items()}).items()}
+    lm = tc.input_landmarks(b, ncfg.input_size, noise_px=1.0, dropout=0.2, dropout_untracked=0.5)
+    assert lm.device.type == "meta"
+    pred = tc.decode(net(b["image"], lm), b["K_crop"], ncfg)
+    loss, terms = losses.coarse_loss(pred, b, geometry, ncfg)
+    loss.backward()
+    assert loss.device.type == "meta" and all(t.device.type == "meta" for t in terms.values())
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in net.parameters() if p.requires_grad)
+
+
+def test_training_on_a_gpu_refuses_the_cpu_rendered_terms(shard_dir, tmp_path):
+    cfg = tiny_config(shard_dir, 1)
+    cfg["depth"] = {"weight": 0.5}
+    with pytest.raises(tc.ConfigError, match="--device cpu"):
+        tc.train(cfg, tmp_path, progress=False, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch.cuda.is_available() is False")
+def test_a_run_on_cuda_matches_the_cpu(shard_dir, model, corr, tmp_path):
+    """The same 4 steps on the GPU and on the CPU: the same validation figures, weights written either way."""
+    cpu = tc.train(tiny_config(shard_dir, 4), tmp_path / "cpu", progress=False, face_model=model,
+                   correspondence=corr, device="cpu")
+    gpu = tc.train(tiny_config(shard_dir, 4), tmp_path / "cuda", progress=False, face_model=model,
+                   correspondence=corr, device="cuda")
+    for key, value in cpu["val"].items():
+        assert gpu["val"][key] == pytest.approx(value, rel=2e-3, abs=1e-4), key
+    a = torch.load(tmp_path / "cpu" / "coarsenet.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "cuda" / "coarsenet.pt", weights_only=False)["state_dict"]
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-3, atol=1e-4), name

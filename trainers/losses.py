@@ -76,6 +76,12 @@ class LossGeometry:
         mask[list(IRIS_LANDMARKS)] = False
         self.landmark_mask = mask                                                         # (478,)
 
+    def to(self, device) -> "LossGeometry":
+        """The same geometry with its tensors on device (torch's; e.g. "cuda" for training there)."""
+        for name in ("neutral", "identity_modes", "expression_modes", "corner", "barycentric", "landmark_mask"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def camera_points(self, identity: torch.Tensor, expression: torch.Tensor, rotation: torch.Tensor,
                       translation_cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """identity (B, K'), expression (B, M), R (B, 3, 3), t (B, 3) cm ->

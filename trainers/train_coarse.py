@@ -1,7 +1,14 @@
 """Train CoarseNet on synthetic faces (seed 002, supervised stage).
 
     python -m trainers.train_coarse --config trainers/configs/coarse.toml --out RUN_DIR \\
-        [--data SHARD_DIR] [--steps N] [--workers 2] [--depth-weight W] [--resume]
+        [--data SHARD_DIR] [--steps N] [--workers 2] [--depth-weight W] [--resume] [--device auto|cpu|cuda]
+
+The net, its batches and the synthetic losses run on an NVIDIA GPU when torch can use one (--device
+auto, the default; engine.device.torch_device), else on the CPU; the data is made on the CPU, the
+weights are written from it. The [real] and [depth] terms render with the CPU rasterizer, so runs
+with them train on the CPU. (Never run on a GPU yet: tests/test_train_coarse.py runs a step on torch's
+"meta" device, which catches most tensors left on the CPU, and compares a CUDA run with the CPU's
+where there is a GPU.)
 
 Data: shards written once by `python -m trainers.synthesis --count N --out DIR` (fast: the
 run only decodes arrays), or, without --data, samples synthesized on the fly by DataLoader
@@ -52,6 +59,7 @@ import torch
 from engine.coarsenet import CoarseNet, CoarseNetConfig, decode, normalise_landmarks, preprocess, save_weights
 from engine.correspondence import LandmarkCorrespondence
 from engine.crop import unknown_landmarks_px
+from engine.device import torch_device
 from engine.facemodel import FACE_VERTICES, FaceModel
 from trainers.losses import (DEFAULT_OPTIONS, DEFAULT_WEIGHTS, EXPRESSION_LOSSES, LossGeometry, coarse_loss,
                              rotation_angle)
@@ -267,16 +275,16 @@ def input_landmarks(batch: dict[str, torch.Tensor], input_size: int, noise_px: f
     read the face from the picture alone where the run time has no landmarks (a face turned to
     profile that MediaPipe lost)."""
     lm = batch["landmarks"]
-    if noise_px > 0:
-        lm = lm + noise_px * torch.randn(lm.shape, generator=generator, dtype=lm.dtype)
-    tracked = torch.zeros(len(lm), dtype=torch.bool)
+    if noise_px > 0:   # drawn on the CPU (where a generator lives), then moved: the same numbers on any device
+        lm = lm + (noise_px * torch.randn(lm.shape, generator=generator, dtype=lm.dtype)).to(lm.device)
+    tracked = torch.zeros(len(lm), dtype=torch.bool, device=lm.device)
     if "tracked_landmarks" in batch:
         tracked = batch["tracked"].reshape(-1)
         lm = torch.where(tracked.reshape(-1, 1, 1), batch["tracked_landmarks"], lm)
     if dropout > 0 or dropout_untracked > 0:
-        p = torch.where(tracked, torch.tensor(float(dropout)), torch.tensor(float(dropout_untracked)))
-        drop = torch.rand(len(lm), generator=generator) < p
-        unknown = torch.from_numpy(unknown_landmarks_px(lm.shape[1], input_size)).to(lm.dtype)
+        p = torch.where(tracked, float(dropout), float(dropout_untracked))
+        drop = torch.rand(len(lm), generator=generator).to(lm.device) < p
+        unknown = torch.from_numpy(unknown_landmarks_px(lm.shape[1], input_size)).to(lm.device, lm.dtype)
         lm = torch.where(drop.reshape(-1, 1, 1), unknown.expand_as(lm), lm)
     return normalise_landmarks(lm, input_size)
 
@@ -448,10 +456,11 @@ def face_region_arrays(face_model: FaceModel) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(net: CoarseNet, val: dict[str, np.ndarray], model_arrays: dict, batch: int = 64) -> dict[str, float]:
-    """Validation figures over all of `val` (model_arrays: `face_region_arrays`): vertex_mm (mean
-    Euclidean distance over the FACE region's camera-space vertices), expression_mae, rotation_deg (mean geodesic);
-    per-sample means, averaged. Runs in eval mode."""
+def evaluate(net: CoarseNet, val: dict[str, np.ndarray], model_arrays: dict, batch: int = 64,
+             device: str = "cpu") -> dict[str, float]:
+    """Validation figures over all of `val` (model_arrays: `face_region_arrays`, on device, the net's):
+    vertex_mm (mean Euclidean distance over the FACE region's camera-space vertices), expression_mae,
+    rotation_deg (mean geodesic); per-sample means, averaged. Runs in eval mode."""
     from engine.facemodel import model_vertices_torch
 
     was = net.training
@@ -459,7 +468,7 @@ def evaluate(net: CoarseNet, val: dict[str, np.ndarray], model_arrays: dict, bat
     n = len(val["image"])
     sums = {"vertex_mm": 0.0, "expression_mae": 0.0, "rotation_deg": 0.0}
     for i in range(0, n, batch):
-        b = to_tensors({k: v[i:i + batch] for k, v in val.items()})
+        b = {k: t.to(device) for k, t in to_tensors({k: v[i:i + batch] for k, v in val.items()}).items()}
         pred = decode(net(b["image"], input_landmarks(b, net.config.input_size)), b["K_crop"], net.config)
         k = pred["identity"].shape[1]
 
@@ -482,11 +491,15 @@ def evaluate(net: CoarseNet, val: dict[str, np.ndarray], model_arrays: dict, bat
 
 def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = False, progress: bool = True,
           face_model: FaceModel | None = None, correspondence: LandmarkCorrespondence | None = None,
-          export: bool = True) -> dict:
+          export: bool = True, device: str = "cpu") -> dict:
     """Run (or with resume=True continue) a training run into out_dir; returns a summary dict
-    {step, loss (last training loss), val (last validation figures), steps_per_s}."""
+    {step, loss (last training loss), val (last validation figures), steps_per_s}. device: torch's
+    ("cpu", "cuda"; engine.device.torch_device chooses), where the net, its batches and the synthetic
+    losses live; the real-frame and E_geo terms render with the CPU rasterizer, so they train on the CPU."""
     cfg = load_config(config)
     tc, dc = cfg["train"], cfg["data"]
+    if device != "cpu" and (cfg["real"]["dir"] or float(cfg["depth"]["weight"])):
+        raise ConfigError("the [real] and [depth] terms render with the CPU rasterizer: train them with --device cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(tc["threads"]))
@@ -495,8 +508,8 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
 
     face_model = face_model or FaceModel.load()
     correspondence = correspondence or LandmarkCorrespondence.load()
-    geometry = LossGeometry(face_model, correspondence)
-    val_arrays = face_region_arrays(face_model)
+    geometry = LossGeometry(face_model, correspondence).to(device)
+    val_arrays = {k: v.to(device) for k, v in face_region_arrays(face_model).items()}
 
     # fresh runs seed everything; resumed runs restore the RNG states below
     seed = int(tc["seed"])
@@ -511,6 +524,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
         if start.config != ncfg:
             raise ValueError(f"init weights {tc['init']} have another architecture than [model] asks for")
         net.load_state_dict(start.state_dict())
+    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc))
     step = 0
@@ -583,7 +597,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
                 f"(no motion: {real_figures['flow_zero_px']:.2f} px)")
         if val is None:
             return None
-        figures = evaluate(net, val, val_arrays, int(dc["val_batch"]))
+        figures = evaluate(net, val, val_arrays, int(dc["val_batch"]), device)
         log({"step": at, "val": figures})
         msg = (f"step {at}: val vertex {figures['vertex_mm']:.2f} mm, expression MAE "
                f"{figures['expression_mae']:.4f}, rotation {figures['rotation_deg']:.2f} deg")
@@ -603,7 +617,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
             loss, terms = 0.0, {}
             xs, lms = [], []
             if batch is not None:
-                b = to_tensors(batch)
+                b = {k: v.to(device) for k, v in to_tensors(batch).items()}
                 x = b["image"]
                 if noise > 0:
                     x = x + noise * torch.randn_like(x)
@@ -661,7 +675,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
         last_val = validate(step)
     metrics.close()
     if export:
-        net.eval()
+        net.eval().cpu()
         save_weights(net, out / "coarsenet.pt")
         from engine.runtime import export_onnx
 
@@ -681,6 +695,9 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--val-data", type=Path, help="folder of validation shards (distinct seed from --data)")
     ap.add_argument("--workers", type=int, help="on-the-fly synthesis processes")
     ap.add_argument("--depth-weight", type=float, help="[depth] weight: E_geo against a simulated depth camera (0 = off)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto (default) and cuda train on an NVIDIA GPU when torch can use one, else the CPU; "
+                    "one line says which (the [real] and [depth] terms need the CPU)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps <= 0:
@@ -698,7 +715,11 @@ def main(argv=None, prog: str | None = None) -> int:
         cfg["data"]["val_dir"] = str(args.val_data)
     if args.workers is not None:
         cfg["data"]["workers"] = args.workers
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    device, line = torch_device(args.device)
+    if device != "cpu" and (cfg["real"]["dir"] or float(cfg["depth"]["weight"])):
+        device, line = "cpu", "device: cpu (torch); the [real] and [depth] terms render with the CPU rasterizer"
+    print(f"train coarse: {line}", file=sys.stderr)
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, device=device)
     print(json.dumps(summary))
     return 0
 
