@@ -620,7 +620,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
                 b = {k: v.to(device) for k, v in to_tensors(batch).items()}
                 x = b["image"]
                 if noise > 0:
-                    x = x + noise * torch.randn_like(x)
+                    x = x + noise * torch.randn(x.shape, dtype=x.dtype).to(x.device)  # the CPU's RNG on any device
                 xs.append(x)
                 lms.append(input_landmarks(b, S, float(tc["landmark_noise_px"]), dropout=float(tc["landmark_dropout"]),
                                            dropout_untracked=float(tc["landmark_dropout_untracked"])))
@@ -628,7 +628,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
                 rb = pair_tensors(real_source(step))
                 xr = rb["image"]
                 if noise > 0:
-                    xr = xr + noise * torch.randn_like(xr)
+                    xr = xr + noise * torch.randn(xr.shape, dtype=xr.dtype).to(xr.device)
                 xs.append(xr)
                 lms.append(normalise_landmarks(rb["landmarks"], S))
             # one forward pass over synthetic and real crops: BatchNorm sees the mixture
