@@ -12,12 +12,12 @@ float32 graphs build in FP32, and the cache name says so. One optimisation profi
 Device memory and the stream come from torch (a CUDA build on such a machine): TensorRT reads and
 writes torch tensors by address, so nothing else (pycuda, cuda-python) is needed.
 
-Written against TensorRT 10's Python API (named I/O tensors, execute_async_v3), whose calls TensorRT
-11.4's bindings still have (checked in their wheel). The machines this project is developed on have
-no TensorRT (and the GPU ones lent now and then cannot take its wheels), so these engines have not
-run yet: tests/test_trt_engine.py compares them with ONNX Runtime on the
-CPU where TensorRT and a GPU exist and skips with the reason elsewhere; the cache naming is tested
-everywhere.
+Written against TensorRT 10's Python API (named I/O tensors, execute_async_v3); every name used here
+is among the strings of TensorRT 11.4's bindings library (its wheel cannot be imported without
+TensorRT's own libraries, so that is a check of names, not of calls). The machines this project is
+developed on have no TensorRT (and the GPU ones lent now and then cannot take its wheels), so these
+engines have not run yet: tests/test_trt_engine.py compares them with ONNX Runtime on the CPU where
+TensorRT and a GPU exist and skips with the reason elsewhere; the cache naming is tested everywhere.
 """
 from __future__ import annotations
 
