@@ -33,8 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.coarse_fitting import open_runtime  # noqa: E402
-from engine.device import (CPU_BACKEND, CUDA_BACKENDS, NO_GPU, PROBES, nvidia_device_present,  # noqa: E402
-                           onnx_provider)
+from engine.device import CPU_BACKEND, CUDA_BACKENDS, backend_problem, onnx_provider  # noqa: E402
 from engine.fine_runtime import DEFAULT_WEIGHTS as FINE_ONNX  # noqa: E402
 from engine.fine_runtime import IN_CHANNELS  # noqa: E402
 
@@ -105,10 +104,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.runs < 10 or args.batch < 1:
         ap.error("--runs must be at least 10 and --batch at least 1")
-    gpu = nvidia_device_present()
     results, skipped = {}, {}
     for backend in (CPU_BACKEND, *CUDA_BACKENDS):
-        problem = None if backend == CPU_BACKEND else (NO_GPU if not gpu else PROBES[backend]())
+        problem = None if backend == CPU_BACKEND else backend_problem(backend)
         if problem:
             skipped[backend] = problem
             continue

@@ -757,16 +757,16 @@ def cmd_engine_build(args) -> int:
     import time
 
     from engine.coarse_fitting import DEFAULT_WEIGHTS as COARSE_WEIGHTS
-    from engine.device import NO_GPU, nvidia_device_present
+    from engine.device import backend_problem
     from engine.fine_runtime import DEFAULT_WEIGHTS as FINE_WEIGHTS
-    from engine.trt_engine import TensorRTError, build_engine, tensorrt_problem
+    from engine.trt_engine import TensorRTError, build_engine
 
     files = {"coarse": args.coarse_weights or COARSE_WEIGHTS["onnx"], "fine": args.detail_weights or FINE_WEIGHTS}
     files = {name: path for name, path in files.items() if args.network in (name, "all")}
     for path in files.values():
         if not Path(path).is_file():
             raise CaptureError(f"ONNX file not found: {path}")
-    problem = NO_GPU if not nvidia_device_present() else tensorrt_problem()
+    problem = backend_problem("tensorrt")
     if problem is not None:
         raise CaptureError(f"engine build: {problem}")
     for name, path in files.items():

@@ -21,6 +21,7 @@ capture.pipeline fits it from the picture alone (bench/eval_profile.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,17 +125,6 @@ def crop(image: np.ndarray, box: np.ndarray, size_px: int) -> tuple[np.ndarray, 
     return out, to_image
 
 
-def _once(get: Callable[[], FollowRegion | None]) -> Callable[[], FollowRegion | None]:
-    """get, called at most once: later calls return its first answer."""
-    answer = []
-
-    def once():
-        if not answer:
-            answer.append(get())
-        return answer[0]
-    return once
-
-
 class FaceTracker:
     """Landmarks (478, 3) in image pixels per frame, or None when no face is found.
 
@@ -158,7 +148,7 @@ class FaceTracker:
         (the previous frame's fit), or None where there is nothing to follow; called only when FaceMesh
         finds nothing (not for photos), so a caller that fits frames later (capture.pipeline's batches)
         needs the previous fit only then. While a region is followed, no new small face is searched for."""
-        follow = _once(follow) if follow is not None and not self.static else None
+        follow = functools.cache(follow) if follow is not None and not self.static else None  # asked once a frame
         landmarks = self._find(rgb, search_small=lambda: follow is None or follow() is None)
         self.confidence = 1.0 if landmarks is not None else 0.0
         region = follow() if landmarks is None and follow is not None else None

@@ -89,6 +89,11 @@ PROBES: dict[str, Callable[[], str | None]] = {"tensorrt": tensorrt_problem,
                                                "torch-cuda": torch_cuda_problem}
 
 
+def backend_problem(backend: str) -> str | None:
+    """Why a CUDA backend cannot run here (None: it can): no NVIDIA device node, else its probe's reason."""
+    return NO_GPU if not nvidia_device_present() else PROBES[backend]()
+
+
 def choose_device(requested: str = "auto", probes: dict[str, Callable[[], str | None]] | None = None,
                   gpu_present: Callable[[], bool] = nvidia_device_present) -> DeviceChoice:
     """The backend for `requested` ("auto", "cpu" or "cuda"): the first CUDA backend whose probe finds
@@ -132,5 +137,5 @@ def torch_device(requested: str = "auto") -> tuple[str, str]:
     _check(requested)
     if requested == "cpu":
         return "cpu", "device: cpu (torch), as asked"
-    problem = NO_GPU if not nvidia_device_present() else torch_cuda_problem()
+    problem = backend_problem("torch-cuda")
     return ("cuda", "device: cuda (torch)") if problem is None else ("cpu", f"device: cpu (torch); not {problem}")

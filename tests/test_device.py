@@ -7,9 +7,9 @@ from engine.coarse_fitting import open_runtime
 from engine.device import CPU_BACKEND, choose_device, coarse_runtime_on
 
 GPU = choose_device("cuda")
-needs_ort_cuda = pytest.mark.skipif(dev.nvidia_device_present() is False or dev.onnxruntime_cuda_problem() is not None,
+needs_ort_cuda = pytest.mark.skipif(dev.backend_problem("onnxruntime-cuda") is not None,
                                     reason=f"no ONNX Runtime CUDA here: {GPU.line()}")
-needs_torch_cuda = pytest.mark.skipif(dev.nvidia_device_present() is False or dev.torch_cuda_problem() is not None,
+needs_torch_cuda = pytest.mark.skipif(dev.backend_problem("torch-cuda") is not None,
                                       reason=f"no torch CUDA here: {GPU.line()}")
 
 

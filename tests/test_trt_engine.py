@@ -12,7 +12,7 @@ from engine import trt_engine as trt
 from engine.coarse_fitting import DEFAULT_WEIGHTS, open_runtime
 from engine.runtime import onnx_session
 
-PROBLEM = dev.NO_GPU if not dev.nvidia_device_present() else trt.tensorrt_problem()
+PROBLEM = dev.backend_problem("tensorrt")
 needs_tensorrt = pytest.mark.skipif(PROBLEM is not None, reason=f"no TensorRT engine can run here: {PROBLEM}")
 ONNX = DEFAULT_WEIGHTS["onnx"]
 

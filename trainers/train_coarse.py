@@ -293,6 +293,11 @@ def batches_are_real_only(cfg: dict) -> bool:
     return bool(cfg["real"]["dir"]) and not cfg["real"]["synthetic"]
 
 
+def needs_cpu(cfg: dict) -> bool:
+    """Whether the run has terms our CPU rasterizer renders ([real], [depth]): it trains on the CPU."""
+    return bool(cfg["real"]["dir"]) or bool(float(cfg["depth"]["weight"]))
+
+
 def synthetic_depth_loss(pred: dict, batch: dict[str, torch.Tensor], images_rgb: np.ndarray, geometry,
                          size_px: int, rng: np.random.Generator, background_mm: float = 1500.0) -> torch.Tensor:
     """E_geo on synthetic samples: the predicted front face (geometry: trainers.selfsup.SelfSupGeometry)
@@ -498,7 +503,7 @@ def train(config: str | Path | dict | None, out_dir: str | Path, resume: bool = 
     losses live; the real-frame and E_geo terms render with the CPU rasterizer, so they train on the CPU."""
     cfg = load_config(config)
     tc, dc = cfg["train"], cfg["data"]
-    if device != "cpu" and (cfg["real"]["dir"] or float(cfg["depth"]["weight"])):
+    if device != "cpu" and needs_cpu(cfg):
         raise ConfigError("the [real] and [depth] terms render with the CPU rasterizer: train them with --device cpu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -716,7 +721,7 @@ def main(argv=None, prog: str | None = None) -> int:
     if args.workers is not None:
         cfg["data"]["workers"] = args.workers
     device, line = torch_device(args.device)
-    if device != "cpu" and (cfg["real"]["dir"] or float(cfg["depth"]["weight"])):
+    if device != "cpu" and needs_cpu(cfg):
         device, line = "cpu", "device: cpu (torch); the [real] and [depth] terms render with the CPU rasterizer"
     print(f"train coarse: {line}", file=sys.stderr)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, device=device)
