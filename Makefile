@@ -16,7 +16,7 @@ test: setup
 bench: setup
 	.venv/bin/python bench/bench_pipeline.py
 
-weights:  # reproduce engine/weights/ (coarsenet.{pt,onnx}, eyestate.onnx, finenet.{pt,onnx}; about 2 h 15 min on 2 cores; see README)
+weights:  # reproduce engine/weights/ (coarsenet.{pt,onnx}, eyestate.onnx, landmark_expression.npz, finenet.{pt,onnx}; about 2 h 15 min on 2 cores; see README)
 	bash scripts/train_coarse.sh
 	bash scripts/train_fine.sh
 

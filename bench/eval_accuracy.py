@@ -251,6 +251,8 @@ def main(argv=None) -> int:
                     help="Gauss-Newton pose steps after CoarseNet (CaptureSettings.coarse_refine_iterations)")
     ap.add_argument("--blink", choices=("lids", "eyes", "fit"), default=CaptureSettings.blink,
                     help="eyeBlink source (CaptureSettings.blink, capture's --blink)")
+    ap.add_argument("--expression", choices=("merged", "network"), default=CaptureSettings.expression,
+                    help="coarse engine's expression source (CaptureSettings.expression, capture's --expression)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = ap.parse_args(argv)
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -276,6 +278,7 @@ def main(argv=None) -> int:
     res = {"config": {"engines": list(engines), "clips": args.clips, "frames": args.frames, "people": args.people,
                       "seed": args.seed, "weights": str(args.weights or "shipped"),
                       "coarse_refine": args.coarse_refine, "blink": args.blink,
+                      "expression": args.expression,
                       "videos": [v.name for v in videos]},
            "frontal_deg": float(np.median(frontal)) if frontal else float("nan"),
            "mean_face_mm": float(np.median(mean_face)) if mean_face else float("nan"),
@@ -288,7 +291,8 @@ def main(argv=None) -> int:
             return FaceCapture(model, corr, CaptureSettings(engine=engine, coarse_weights=args.weights,
                                                             coarse_runtime=runtime,
                                                             coarse_refine_iterations=args.coarse_refine,
-                                                            blink=args.blink, **changes))
+                                                            blink=args.blink, expression=args.expression,
+                                                            **changes))
         cap = capture_with()
         try:
             if clips:

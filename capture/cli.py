@@ -163,6 +163,10 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    "(videos; photos use the fit); eyes, a small network on each eye's pixels, which sees the "
                    "winks MediaPipe's lids miss on rendered faces but reads real open eyes as partly shut; "
                    "fit, the engine's fitted weights")
+    p.add_argument("--expression", choices=("merged", "network"), default="merged",  # pipeline.EXPRESSION_SOURCES
+                   help="coarse engine's expression: merged (default), the shapes a small MLP reads better from "
+                   "the shape of MediaPipe's landmarks (jaw, smiles, squints; chosen on validation renders) "
+                   "from it, the rest from CoarseNet; network, CoarseNet's alone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -354,7 +358,7 @@ def _load_capture(args, static: bool, raw: bool = False):
     settings = CaptureSettings(engine=args.engine, coarse_weights=weights, coarse_runtime=runtime_for(weights),
                                device_backend=device.backend, focal_px=args.focal_px,
                                filtering=not (raw or args.no_filter), small_faces=not args.no_small_faces,
-                               static=static, blink=args.blink,
+                               static=static, blink=args.blink, expression=args.expression,
                                actor=_load_actor(actor, model), auto_neutral=actor == "auto")
     capture = FaceCapture(model, LandmarkCorrespondence.load(), settings)
     print(f"capture: {device.line()}", file=sys.stderr)
@@ -815,6 +819,7 @@ def main(argv=None) -> int:
     from capture.streams import StreamError
     from engine.coarse_fitting import CoarseWeightsError
     from engine.calibration import CalibrationError
+    from engine.landmark_expression import LandmarkExpressionError
 
     from capture.take_folder import OutputError
     from capture.takes import TakeError
@@ -830,8 +835,8 @@ def main(argv=None) -> int:
             with NativeStderrFilter():
                 return handler(args)
         except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, StreamError,
-                CoarseWeightsError, CalibrationError, OutputError, TakeError, FileNotFoundError,
-                PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+                CoarseWeightsError, LandmarkExpressionError, CalibrationError, OutputError, TakeError,
+                FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             print(f"capture: error: {message}", file=sys.stderr)
             return 1

@@ -43,6 +43,7 @@ from engine.filters import OneEuroFilter
 from engine.fine_runtime import FineRuntime
 from engine.fitting import FitResult, FitSettings, LandmarkBasis, TakeFitter
 from engine.eyestate import EyeClosure, subject_left_first
+from engine.landmark_expression import LandmarkExpression
 from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, LidClosure, eye_look_weights, gaze_angles,
                          gaze_visibility, lid_aperture)
 from engine.pose import (FRONTAL, default_camera_matrix, head_rotation, project, rodrigues, rotation_to_axis_angle,
@@ -65,6 +66,9 @@ ENGINES = ("coarse", "fit")
 #: videos, the default), the eye-state net on each eye's pixels (sees the winks MediaPipe's lids miss,
 #: but reads real open eyes as 0.15-0.25 shut), or the engine's fitted weights.
 BLINK_SOURCES = ("lids", "eyes", "fit")
+#: The coarse engine's expression: "merged", each shape from the landmark-expression MLP or the network,
+#: whichever read it better on validation (engine.landmark_expression); "network", CoarseNet's alone.
+EXPRESSION_SOURCES = ("merged", "network")
 
 
 def fitted_yaw_deg(fit: FitResult) -> float:
@@ -94,6 +98,7 @@ class CaptureSettings:
     coarse_refine_iterations: int = 1   # Gauss-Newton steps on CoarseNet's head pose against the landmarks
     photo_refine_iterations: int = 4    # the same for a photo: no time limit, no previous frame
     blink: str = "lids"                 # eyeBlink from: BLINK_SOURCES (eyes: engine.eyestate.EyeClosure)
+    expression: str = "merged"          # coarse engine: EXPRESSION_SOURCES (merged: engine.landmark_expression)
     focal_px: float | None = None
     filtering: bool = True
     small_faces: bool = True
@@ -174,6 +179,9 @@ class FaceCapture:
             raise ValueError(f"unknown engine {self.settings.engine!r} (choose from {', '.join(ENGINES)})")
         if self.settings.blink not in BLINK_SOURCES:
             raise ValueError(f"unknown blink source {self.settings.blink!r} (choose from {', '.join(BLINK_SOURCES)})")
+        if self.settings.expression not in EXPRESSION_SOURCES:
+            raise ValueError(f"unknown expression source {self.settings.expression!r} "
+                             f"(choose from {', '.join(EXPRESSION_SOURCES)})")
         actor = self.settings.actor
         if actor is not None and actor.shape_names != model.expression_names:
             raise ValueError("the actor profile's shapes are not this face model's expression shapes")
@@ -182,6 +190,8 @@ class FaceCapture:
             kind, provider = coarse_runtime_on(self.settings.device_backend, self.settings.coarse_runtime,
                                                self.settings.coarse_weights is not None)
             self._runtime = open_runtime(kind, self.settings.coarse_weights, provider)
+        self._landmark_expression = LandmarkExpression.load() \
+            if self._runtime is not None and self.settings.expression == "merged" else None
         # iris landmarks take no part in the lid/face fit: the eyeballs are rigid in the model
         self.basis = LandmarkBasis.from_correspondence(model, correspondence, exclude=IRIS_LANDMARKS)
         self.landmarks68 = Landmarks68(model, self.basis.identity.shape[0])
@@ -246,7 +256,8 @@ class FaceCapture:
         self.depth_refiner = None  # made by the first frame with depth (_refine_with_depth)
         if self._runtime is not None:  # a photo's identity is its own network output
             self.fitter = CoarseFitter(self.basis, self._runtime, 1 if s.static else s.identity_frames, identity,
-                                       s.photo_refine_iterations if s.static else s.coarse_refine_iterations)
+                                       s.photo_refine_iterations if s.static else s.coarse_refine_iterations,
+                                       self._landmark_expression)
             return
         if s.static:  # one photo's passes see the same landmarks: its prior must not weaken with them
             fit = FitSettings(identity_frames=s.photo_passes, identity_prior_joint=s.photo_identity_prior)

@@ -5,8 +5,9 @@ exactly as the training data's, engine.crop; nets that also read the landmarks
 get them in crop pixels) gives the pose and expression directly; no landmark
 optimisation. Identity is shared by the take as in
 TakeFitter: the running mean of the network's per-frame identity over the first
-`identity_frames` frames with a face, then locked. The landmark RMS of the
-result is kept as a diagnostic only; the landmarks never move the fit.
+`identity_frames` frames with a face, then locked. The tracked landmarks then
+refine the head pose (a Gauss-Newton step) and, with a landmark-expression MLP
+(engine.landmark_expression), give the shapes it reads better than the network.
 
 Weights ship in engine/weights/ (coarsenet.onnx for ONNX Runtime, coarsenet.pt
 for torch); `capture train coarse` reproduces them.
@@ -24,6 +25,7 @@ from engine.fitting import (FitResult, FitSettings, LandmarkBasis, gauss_newton_
 from engine.pose import head_rotation, yaw_pitch_roll
 
 if TYPE_CHECKING:  # engine.runtime loads torch (about a second): only when a runtime is opened
+    from engine.landmark_expression import LandmarkExpression
     from engine.runtime import CoarseRuntime
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -73,6 +75,8 @@ class CoarseFitter:
 
     identity: a known identity (an actor profile's), locked from the first frame, as
     TakeFitter(identity=...) takes it.
+    landmark_expression: the shapes it reads better than the network (engine.landmark_expression)
+    take its value from the tracked landmarks' shape; None: the network's expression alone.
     refine_iterations: Gauss-Newton steps on the head pose alone (engine.fitting, expression and
     identity held at the network's) against the tracked landmarks after the network's pass;
     0 leaves the network's pose. The network places the head from a 128 px crop; the landmarks
@@ -83,9 +87,11 @@ class CoarseFitter:
     """
 
     def __init__(self, basis: LandmarkBasis, runtime: CoarseRuntime, identity_frames: int = 40,
-                 identity: np.ndarray | None = None, refine_iterations: int = 1):
+                 identity: np.ndarray | None = None, refine_iterations: int = 1,
+                 landmark_expression: LandmarkExpression | None = None):
         self.basis = basis
         self.runtime = runtime
+        self.landmark_expression = landmark_expression
         self.refine_iterations = max(0, int(refine_iterations))
         self._settings = FitSettings()
         self.identity_frames = max(1, int(identity_frames))
@@ -180,6 +186,8 @@ class CoarseFitter:
         if self.refine_iterations and abs(np.degrees(yaw_pitch_roll(head_rotation(R))[0])) < REFINE_MAX_YAW_DEG:
             R, t, _ = gauss_newton_frame(self.basis, landmarks_px[:, :2], K, R, t, e, self.identity, self._settings,
                                          self.refine_iterations, solve_expression=False)
+        if self.landmark_expression is not None:
+            e = self.landmark_expression.merge(e, landmarks_px[:, :2])
         if pin is not None:
             for index, value in pin(R, t).items():
                 e[index] = value

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Reproduce engine/weights/coarsenet.{pt,onnx} and eyestate.onnx from nothing but ../shared (about 2 h on
-# 2 cores): synthetic data (MediaPipe-tracked), real frame pairs, stage 1 (synthetic), stage 2 (+ real
-# frames), stage 3 (L1 on the expression weights), stage 4 (profiles: yaw to 90 degrees, landmark
-# dropout), then the eye-state net on the eye patches.
+# Reproduce engine/weights/coarsenet.{pt,onnx}, eyestate.onnx and landmark_expression.npz from nothing but
+# ../shared (about 2 h on 2 cores): synthetic data (MediaPipe-tracked), real frame pairs, stage 1 (synthetic),
+# stage 2 (+ real frames), stage 3 (L1 on the expression weights), stage 4 (profiles: yaw to 90 degrees,
+# landmark dropout), the eye-state net on the eye patches, then the landmark-expression MLP.
 # Every step skips work whose output exists, so a stopped run continues where it was.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,3 +40,8 @@ echo "weights written to engine/weights/ (from runs/coarse_stage4)"
     runs/data/synth4 runs/data/synth5 --val runs/data/synth_val --out runs/eyes/eyestate.onnx --steps 3000
 cp runs/eyes/eyestate.onnx engine/weights/
 echo "eye-state net written to engine/weights/eyestate.onnx (from runs/eyes)"
+[ -e runs/landmark_expression/landmark_expression.npz ] || $PY -m trainers.train_landmark_expression \
+    --data runs/data/synth0 runs/data/synth2 runs/data/synth4 runs/data/synth5 --val runs/data/synth_val \
+    --coarse-weights runs/coarse_stage4/coarsenet.onnx --out runs/landmark_expression/landmark_expression.npz
+cp runs/landmark_expression/landmark_expression.npz engine/weights/
+echo "landmark-expression MLP written to engine/weights/landmark_expression.npz (from runs/landmark_expression)"

@@ -420,7 +420,12 @@ def _one_line_cli_error(code: int, err: str, *fragments: str) -> str:
 @pytest.fixture(scope="module")
 def d18_takes(tmp_path_factory):
     """A profile calibrated on d18's first half, then all of d18 captured with it, with
-    --actor off and with the default (auto): (profile path, {mode: track}, calibrate's stderr)."""
+    --actor off and with the default (auto): (profile path, {mode: track}, calibrate's stderr).
+
+    CoarseNet's own expression (--expression network) and eyeBlink (--blink fit), whose false
+    blinks calibration exists for. The quiet frames below are those with the least raw activity;
+    beside the landmark MLP's quieter mouth (the default) a false blink decides which frames those
+    are, and the quietest quarter holds none to remove."""
     if not (D18.is_file() and DEFAULT_FACE_MODEL.is_file()):
         pytest.skip("shared video or face model missing")
     root = tmp_path_factory.mktemp("calibration")
@@ -428,14 +433,15 @@ def d18_takes(tmp_path_factory):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = cli.main(["calibrate", str(D18), "--out", str(profile), "--max-frames", str(D18_FRAMES // 2),
-                         "--quiet", "--blink", "fit"])
+                         "--quiet", "--blink", "fit", "--expression", "network"])
     assert code == 0, err.getvalue()
     tracks = {}
     for mode, actor in (("profile", str(profile)), ("off", "off"), ("auto", None)):
         out = root / mode
         # the engine's own eyeBlink, whose false activations calibration exists for (the default
         # reads blinks off the lid gap, test_blinks_from_the_lids_rest_on_a_quiet_face)
-        argv = ["video", str(D18), "--out", str(out), "--mesh-format", "none", "--quiet", "--blink", "fit"]
+        argv = ["video", str(D18), "--out", str(out), "--mesh-format", "none", "--quiet", "--blink", "fit",
+                "--expression", "network"]
         with contextlib.redirect_stderr(io.StringIO()) as video_err:
             code = cli.main(argv + (["--actor", actor] if actor else []))
         assert code == 0, video_err.getvalue()
@@ -554,7 +560,8 @@ def test_blinks_from_the_lids_rest_on_a_quiet_face(d18_takes, names):
     _, tracks, _, root = d18_takes
     out = root / "lids"
     with contextlib.redirect_stderr(io.StringIO()) as err:
-        code = cli.main(["video", str(D18), "--out", str(out), "--mesh-format", "none", "--quiet", "--actor", "off"])
+        code = cli.main(["video", str(D18), "--out", str(out), "--mesh-format", "none", "--quiet", "--actor", "off",
+                         "--expression", "network"])
     assert code == 0, err.getvalue()
     lids, fit = load_track(out / "track.npz"), tracks["off"]
     look = gaze_shapes(names)

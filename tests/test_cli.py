@@ -434,6 +434,21 @@ def test_bad_coarse_weights_is_one_line(command, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_missing_landmark_expression_weights_is_one_line(tmp_path, capsys, monkeypatch):
+    """A broken install without the landmark MLP's weights: one line naming the file, nothing written;
+    --expression network needs none."""
+    import engine.landmark_expression as lx
+
+    monkeypatch.setattr(lx, "DEFAULT_WEIGHTS", tmp_path / "landmark_expression.npz")
+    out = tmp_path / "out"
+    code, err = _run(["video", D12, "--max-frames", 1, "--out", out, "--quiet"], capsys)
+    _assert_one_line_error(code, err, "landmark_expression.npz", "not found")
+    assert not out.exists()
+    code, err = _run(["video", D12, "--max-frames", 1, "--out", out, "--quiet", "--mesh-format", "none",
+                      "--expression", "network"], capsys)
+    assert code == 0, err
+
+
 def test_mesh_format_none_writes_no_meshes(tmp_path, capsys):
     out = tmp_path / "none"
     code, err = _run(["video", D12, "--max-frames", 3, "--out", out, "--quiet", "--mesh-format", "none"], capsys)

@@ -281,3 +281,33 @@ def test_with_depth_the_mesh_takes_the_depths_expression_and_the_blendshapes_the
         np.testing.assert_allclose(c.blendshapes, arkit_from_model(c.expression, mapping), atol=1e-12)
         np.testing.assert_allclose(d.blendshapes[not_eyes], c.blendshapes[not_eyes], atol=1e-9)
         assert np.abs(d.expression - c.expression).max() > 0.01  # the mesh's weights moved with the depth
+
+
+def test_coarse_expression_takes_the_landmark_mlps_shapes_and_the_networks_others(d12, face_model):
+    """expression="merged" (the default): on a photo (no filter, no automatic neutral) the shapes the
+    MLP took over read what it reads from the frame's landmarks, the others what the network alone
+    ("network") gives; gaze and blink are pinned at the pose either way, so they are left out."""
+    from engine.landmark_expression import LandmarkExpression
+
+    frames, _ = d12
+    corr = LandmarkCorrespondence.load()
+    assert CaptureSettings().expression == "merged"
+    out = {}
+    for source in ("merged", "network"):
+        capture = FaceCapture(face_model, corr, CaptureSettings(static=True, expression=source))
+        try:
+            out[source] = capture.process(frames[0], 0.0)
+            assert (capture.fitter.landmark_expression is not None) == (source == "merged")
+        finally:
+            capture.close()
+    names = face_model.expression_names
+    free = np.array([not (n.startswith("eyeLook") or n.startswith("eyeBlink")) for n in names])
+    reg = LandmarkExpression.load()
+    assert (reg.use & free).any() and out["merged"].face_found
+    want = reg.predict(out["merged"].landmarks[:, :2])
+    np.testing.assert_allclose(out["merged"].expression[reg.use & free], want[reg.use & free], atol=1e-6)
+    np.testing.assert_allclose(out["merged"].expression[~reg.use & free],
+                               out["network"].expression[~reg.use & free], atol=1e-6)
+    assert np.abs(out["merged"].expression[reg.use & free] - out["network"].expression[reg.use & free]).max() > 0.01
+    with pytest.raises(ValueError, match="unknown expression source"):
+        FaceCapture(face_model, corr, CaptureSettings(expression="guess"))
