@@ -105,8 +105,10 @@ def network_expression(images: np.ndarray, K_crop: np.ndarray, landmarks: np.nda
 
 
 def train(data, val, out: Path, steps: int = 8000, batch: int = 256, lr: float = 1e-3, seed: int = 0,
-          threads: int = 2, coarse_weights: Path | None = None, progress: bool = True) -> dict:
-    """Train, choose each shape's source on `val`, write `out`; returns the validation figures."""
+          threads: int = 2, coarse_weights: Path | None = None, progress: bool = True,
+          jitter: float = 0.002) -> dict:
+    """Train, choose each shape's source on `val`, write `out`; returns the validation figures.
+    jitter: std of the Gaussian noise added to the aligned points (unit RMS radius), the tracker's."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     tr = tracked_samples(data)
@@ -119,7 +121,7 @@ def train(data, val, out: Path, steps: int = 8000, batch: int = 256, lr: float =
     opt = torch.optim.AdamW(mlp.parameters(), lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
-    noise = 0.002 * FEATURE_SCALE    # tracker jitter, in aligned-shape units (unit RMS radius)
+    noise = jitter * FEATURE_SCALE
     bar = range(steps)
     if progress:
         from tqdm import tqdm
