@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "landmark_expression.npz"
-N_POINTS = 478
 #: The aligned points are scaled by this before the MLP (unit RMS radius -> inputs of order 1).
 FEATURE_SCALE = 10.0
 FORMAT = "capture.landmark_expression/1"

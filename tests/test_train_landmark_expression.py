@@ -51,10 +51,17 @@ def test_mlp_learns_expressions_from_placed_and_turned_landmarks_and_beats_the_n
     assert mae == pytest.approx(v["landmarks"], rel=1e-4)
 
 
-def test_cli_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
+def test_cli_refuses_a_missing_folder_or_untracked_shards_in_one_line(tmp_path, capsys):
     assert tle.main(["--data", str(tmp_path / "none"), "--val", str(tmp_path), "--out", str(tmp_path / "w.npz")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no shard folder" in err[0]
+    (tmp_path / "plain").mkdir()
+    np.savez(tmp_path / "plain" / "shard-00000.npz", expression=np.zeros((4, M), np.float32),
+             landmarks=np.zeros((4, 478, 2), np.float32))
+    assert tle.main(["--data", str(tmp_path / "plain"), "--val", str(tmp_path / "plain"), "--quiet",
+                     "--out", str(tmp_path / "w.npz")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tracked landmarks" in err[0] and not (tmp_path / "w.npz").exists()
 
 
 def test_the_mlp_takes_a_shape_only_where_it_is_closer_and_follows_better_pairs_together():
@@ -68,5 +75,6 @@ def test_the_mlp_takes_a_shape_only_where_it_is_closer_and_follows_better_pairs_
     # jaw: better both ways; smiles: better on the pair's sums although not on the right one alone;
     # brows: closer only by reading a constant (r 0); cheekPuff: closer but follows worse; blinks: never
     assert use.tolist() == [True, True, True, False, False, False, False, False]
-    r = tle.pearson_per_shape(np.c_[np.arange(5.0), np.ones(5), -np.arange(5.0)], np.c_[np.arange(5.0), np.arange(5.0), np.arange(5.0)])
+    ramp = np.arange(5.0)
+    r = tle.pearson_per_shape(np.c_[ramp, np.ones(5), -ramp], np.c_[ramp, ramp, ramp])
     np.testing.assert_allclose(r, [1.0, 0.0, -1.0], atol=1e-12)    # a constant reading follows nothing

@@ -7,8 +7,9 @@ Reads each shard's MediaPipe landmarks on its own crop (`tracked_landmarks`, the
 found; trainers.synthesis) and true expression weights; the loss is L1 (the weights are sparse: L1's
 optimum is the median, 0 where the shape does not show). Then it runs CoarseNet (`--coarse-weights`,
 default the shipped ONNX) on the validation shard and keeps, per shape, the MLP's reading where it was
-closer to the truth there than the network's and followed it better (`use`; a left/right pair together). Deterministic for a seed; about 5 min on 2 cores
-for 8000 steps.
+closer to the truth there than the network's and followed it better (`use`; a left/right pair
+together; never the eyes' shapes). Deterministic for a seed (the same file, byte for byte); about
+2-3 min on 2 cores for 8000 steps.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def tracked_samples(folders, with_images: bool = False) -> dict[str, np.ndarray]
     fields = ("expression", "landmarks") + (("image", "K_crop") if with_images else ())
     d = load_shards(folders, fields=fields, optional=("tracked_landmarks", "tracked"))
     if "tracked" not in d:
-        raise SystemExit(f"{folders}: the shards have no tracked landmarks (python -m trainers.synthesis "
+        raise ValueError(f"{folders}: the shards have no tracked landmarks (python -m trainers.synthesis "
                          "--add-tracking DIR adds them)")
     keep = d["tracked"].astype(bool)
     out = {"expression": d["expression"][keep], "landmarks": d["tracked_landmarks"][keep]}
@@ -66,7 +67,9 @@ def build_mlp(n_in: int, n_out: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
-def to_regressor(mlp: torch.nn.Sequential, reference: np.ndarray, mean: np.ndarray, use: np.ndarray) -> LandmarkExpression:
+def to_regressor(mlp: torch.nn.Sequential, reference: np.ndarray, mean: np.ndarray,
+                 use: np.ndarray) -> LandmarkExpression:
+    """The numpy regressor with the torch MLP's weights (its Linear layers, in order)."""
     linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
     layers = [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy()) for m in linears]
     return LandmarkExpression(reference, mean, layers, use)
@@ -140,12 +143,11 @@ def train(data, val, out: Path, steps: int = 8000, batch: int = 256, lr: float =
     va = tracked_samples(val, with_images=True)
     regressor = to_regressor(mlp, ref, mean, np.zeros(Y.shape[1], bool))
     truth = va["expression"]
-    mlp_err = np.abs(regressor.predict(va["landmarks"]) - truth).mean(axis=0)
+    read = regressor.predict(va["landmarks"])
     net = network_expression(va["image"], va["K_crop"], va["landmarks"], coarse_weights)
-    net_err = np.abs(net - truth).mean(axis=0)
-    names = FaceModel.load().expression_names
-    mlp_r, net_r = pearson_per_shape(regressor.predict(va["landmarks"]), truth), pearson_per_shape(net, truth)
-    regressor.use = choose_landmark_shapes(mlp_err, net_err, mlp_r, net_r, names)
+    mlp_err, net_err = np.abs(read - truth).mean(axis=0), np.abs(net - truth).mean(axis=0)
+    regressor.use = choose_landmark_shapes(mlp_err, net_err, pearson_per_shape(read, truth),
+                                           pearson_per_shape(net, truth), FaceModel.load().expression_names)
     out.parent.mkdir(parents=True, exist_ok=True)
     regressor.save(out)
     merged = np.where(regressor.use, mlp_err, net_err)
@@ -172,12 +174,16 @@ def main(argv=None) -> int:
         if not folder.is_dir():
             print(f"train landmark expression: no shard folder {folder}", file=sys.stderr)
             return 1
-    res = train(args.data, args.val, args.out, args.steps, seed=args.seed, threads=args.threads,
-                coarse_weights=args.coarse_weights, progress=not args.quiet)
+    try:
+        res = train(args.data, args.val, args.out, args.steps, seed=args.seed, threads=args.threads,
+                    coarse_weights=args.coarse_weights, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"train landmark expression: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     v = res["val_mae"]
-    print(f"{res['samples']} tracked samples, {res['train_s']:.0f} s; validation ({res['val_samples']}) expression MAE: "
-          f"landmarks {v['landmarks']:.4f}, network {v['network']:.4f}, merged {v['merged']:.4f}, zeros {v['zeros']:.4f}; "
-          f"{res['shapes_from_landmarks']} shapes from the landmarks -> {args.out}")
+    print(f"{res['samples']} tracked samples, {res['train_s']:.0f} s; validation ({res['val_samples']}) "
+          f"expression MAE: landmarks {v['landmarks']:.4f}, network {v['network']:.4f}, merged {v['merged']:.4f}, "
+          f"zeros {v['zeros']:.4f}; {res['shapes_from_landmarks']} shapes from the landmarks -> {args.out}")
     return 0
 
 
