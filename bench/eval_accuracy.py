@@ -54,7 +54,7 @@ from eval_landmarks import (DEFAULT_IMAGES, annotated_photos, nearest_mediapipe_
                             read_annotation)
 
 from capture.calibrate import calibrate_video  # noqa: E402
-from capture.pipeline import CaptureSettings, FaceCapture  # noqa: E402
+from capture.pipeline import BLINK_SOURCES, EXPRESSION_SOURCES, CaptureSettings, FaceCapture  # noqa: E402
 from engine.arkit import ARKIT_NAMES  # noqa: E402
 from engine.coarse_fitting import runtime_for  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
@@ -249,9 +249,9 @@ def main(argv=None) -> int:
     ap.add_argument("--video-frames", type=int, default=150)
     ap.add_argument("--coarse-refine", type=int, default=CaptureSettings.coarse_refine_iterations,
                     help="Gauss-Newton pose steps after CoarseNet (CaptureSettings.coarse_refine_iterations)")
-    ap.add_argument("--blink", choices=("lids", "eyes", "fit"), default=CaptureSettings.blink,
+    ap.add_argument("--blink", choices=BLINK_SOURCES, default=CaptureSettings.blink,
                     help="eyeBlink source (CaptureSettings.blink, capture's --blink)")
-    ap.add_argument("--expression", choices=("merged", "network"), default=CaptureSettings.expression,
+    ap.add_argument("--expression", choices=EXPRESSION_SOURCES, default=CaptureSettings.expression,
                     help="coarse engine's expression source (CaptureSettings.expression, capture's --expression)")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = ap.parse_args(argv)

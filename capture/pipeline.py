@@ -66,8 +66,8 @@ ENGINES = ("coarse", "fit")
 #: videos, the default), the eye-state net on each eye's pixels (sees the winks MediaPipe's lids miss,
 #: but reads real open eyes as 0.15-0.25 shut), or the engine's fitted weights.
 BLINK_SOURCES = ("lids", "eyes", "fit")
-#: The coarse engine's expression: "merged", each shape from the landmark-expression MLP or the network,
-#: whichever read it better on validation (engine.landmark_expression); "network", CoarseNet's alone.
+#: The coarse engine's expression: "merged", the shapes the landmark-expression MLP read better on validation
+#: from it, the rest from the network (engine.landmark_expression); "network", CoarseNet's alone.
 EXPRESSION_SOURCES = ("merged", "network")
 
 

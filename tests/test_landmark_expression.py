@@ -27,13 +27,6 @@ def test_aligned_shape_forgets_place_size_and_in_plane_turn_but_not_mirroring():
     np.testing.assert_allclose(lx.aligned_shape(np.stack([shape, shape * 2.0]), ref), np.stack([a, a]), atol=1e-9)
 
 
-def _tiny(rng, n_in=2 * 478, n_out=53):
-    layers = [(rng.normal(0, 0.05, (n_in, 16)).astype(np.float32), rng.normal(0, 0.1, 16).astype(np.float32)),
-              (rng.normal(0, 0.3, (16, n_out)).astype(np.float32), rng.normal(0.2, 0.1, n_out).astype(np.float32))]
-    ref = lx.aligned_shape(rng.normal(size=(478, 2)))
-    return lx.LandmarkExpression(ref, np.zeros_like(ref), layers, np.arange(n_out) % 2 == 0)
-
-
 def test_numpy_forward_is_the_trainers_torch_mlp_and_survives_a_round_trip(tmp_path):
     """to_regressor(torch MLP) then predict() gives what the torch module gives (tanh GELU, clamp);
     save/load keeps every number; merge takes the `use` shapes from the landmarks, the rest from the net."""
