@@ -8,8 +8,8 @@ integer coordinates.
 
 Open3D is optional and not used here (README, "RGB-D takes", has the numbers for one 640x480
 frame): its way to register (a point cloud from the depth, moved, projected to a depth image)
-gives the same pixels but takes 2-4 times as long as register_depth; its organised
-back-projection is a little slower than backproject; its normal map is about twice as fast as
+gives the same pixels but takes 4-6 times as long as register_depth (bench/bench_registration.py);
+its organised back-projection is a little slower than backproject; its normal map is about twice as fast as
 organized_normals but one-sided (forward differences, half a pixel off), and normals are off
 the per-frame path (the fit takes its own at its samples).
 None of that is worth a 400 MB dependency.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import numba
 import numpy as np
 
 # The BIWI Kinect head pose database's colour camera and depth-to-colour transform, as its
@@ -175,62 +176,11 @@ def register_depth(depth_raw: np.ndarray, calib: DepthCalibration, colour_size: 
     depth = np.asarray(depth_raw)
     if depth.ndim != 2:
         raise ValueError(f"depth_raw must be (H, W), got shape {depth.shape}")
-    Hd, Wd = depth.shape
     f32 = np.float32
     # K_c (R K_d⁻¹ z [u v 1] + t) = z P [u v 1] + e: the colour pixel times its z, and that z.
-    # The work happens in place on four (N,) buffers: fresh large temporaries cost more in page
-    # faults than the arithmetic.
     P = (calib.colour_K @ calib.R_depth_to_colour @ np.linalg.inv(calib.depth_K)).astype(f32)
     e = (calib.colour_K @ calib.t_depth_to_colour_mm).astype(f32)
-    flat = depth.reshape(-1)
-    valid = flat > 0
-    if np.count_nonzero(valid) * 2 < flat.size:  # a foreground alone (background removed): its pixels
-        index = np.flatnonzero(valid)
-        valid = None  # all of them
-        z = flat[index].astype(f32)
-        v = np.floor((index + 0.5) / Wd)  # float64: exact where int64 division is slow
-        u = (index - v * Wd).astype(f32)
-        v = v.astype(f32)
-
-        def ray(i):  # P [u v 1], row i, at each pixel
-            out = u * P[i, 0]
-            out += v * P[i, 1]
-            out += P[i, 2]
-            return out
-    else:  # a full frame: every pixel, the empty ones (z = 0) sent nowhere below
-        z = flat.astype(f32)
-        u, v = np.arange(Wd, dtype=f32), np.arange(Hd, dtype=f32)
-
-        def ray(i):  # a column term plus a row term
-            return np.add(u * P[i, 0], (v * P[i, 1] + P[i, 2])[:, None]).reshape(-1)
-    if calib.depth_unit_mm != 1.0:
-        z *= f32(calib.depth_unit_mm)
-    z_colour, col, row = ray(2), ray(0), ray(1)
-    for values, offset in ((z_colour, e[2]), (col, e[0]), (row, e[1])):
-        values *= z
-        values += offset
-    inside = z_colour > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv_z = np.divide(f32(1.0), z_colour, out=z)  # z is not needed any more
-        for values, limit in ((col, W), (row, H)):
-            values *= inv_z
-            values += f32(0.5)  # floor(u + 0.5): the nearest pixel
-            inside &= values >= 0
-            inside &= values < limit
-    if valid is not None:
-        inside &= valid
-    np.floor(col, out=col)
-    np.floor(row, out=row)
-    row *= f32(W)
-    row += col
-    nowhere = H * W  # one extra z-buffer cell collects every point that does not land in the picture
-    np.copyto(row, f32(nowhere), where=~inside)
-    target = col.view(np.int32)  # col's memory, reused
-    np.copyto(target, row, casting="unsafe")
-    zbuffer = np.full(nowhere + 1, np.inf, f32)
-    np.minimum.at(zbuffer, target, z_colour)
-    out = zbuffer[:nowhere].reshape(H, W)
-    out[out == np.inf] = 0.0
+    out = _splat_depth(np.ascontiguousarray(depth), P, e, f32(calib.depth_unit_mm), W, H)
     if fill_cracks:
         _fill_cracks_in_place(out, crack_tolerance_mm, crack_min_neighbours)
     return out
@@ -242,6 +192,40 @@ def fill_depth_cracks(depth_mm: np.ndarray, tolerance_mm: float = 10.0, min_neig
     columns are left as they are. Returns a new float32 array."""
     out = np.array(depth_mm, np.float32)
     _fill_cracks_in_place(out, tolerance_mm, min_neighbours)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _splat_depth(depth, P, e, unit, W, H):
+    """register_depth's forward projection with a z-buffer, float32 throughout: (H, W) mm, 0 = none.
+    A compiled loop over the depth pixels: numpy's version (np.minimum.at) took 0.96 ms a BIWI
+    frame on one core, this 0.5-0.6 (bench/bench_registration.py)."""
+    Hd, Wd = depth.shape
+    out = np.full((H, W), np.inf, np.float32)
+    half, one = np.float32(0.5), np.float32(1.0)
+    for v in range(Hd):
+        fv = np.float32(v)
+        row_z, row_c, row_r = fv * P[2, 1] + P[2, 2], fv * P[0, 1] + P[0, 2], fv * P[1, 1] + P[1, 2]
+        for u in range(Wd):
+            raw = depth[v, u]
+            if not raw > 0:
+                continue
+            z = np.float32(raw) * unit
+            fu = np.float32(u)
+            z_colour = (fu * P[2, 0] + row_z) * z + e[2]
+            if not z_colour > 0:
+                continue
+            inv_z = one / z_colour
+            col = ((fu * P[0, 0] + row_c) * z + e[0]) * inv_z + half   # floor(x + 0.5): the nearest pixel
+            row = ((fu * P[1, 0] + row_r) * z + e[1]) * inv_z + half
+            if col >= 0 and col < W and row >= 0 and row < H:
+                i, j = int(np.floor(row)), int(np.floor(col))
+                if z_colour < out[i, j]:
+                    out[i, j] = z_colour
+    for i in range(H):
+        for j in range(W):
+            if out[i, j] == np.inf:
+                out[i, j] = 0
     return out
 
 
