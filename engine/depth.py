@@ -9,9 +9,9 @@ integer coordinates.
 Open3D is optional and not used here (README, "RGB-D takes", has the numbers for one 640x480
 frame): its way to register (a point cloud from the depth, moved, projected to a depth image)
 gives the same pixels but takes 4-6 times as long as register_depth (bench/bench_registration.py);
-its organised back-projection is a little slower than backproject; its normal map is about twice as fast as
-organized_normals but one-sided (forward differences, half a pixel off), and normals are off
-the per-frame path (the fit takes its own at its samples).
+its organised back-projection is a little slower than backproject; its normal map is about twice
+as fast as organized_normals but one-sided (forward differences, half a pixel off), and normals are
+off the per-frame path (the fit takes its own at its samples).
 None of that is worth a 400 MB dependency.
 """
 from __future__ import annotations

@@ -9,10 +9,11 @@ optimum is the median, 0 where the shape does not show). Then it runs CoarseNet 
 default the shipped ONNX) on the validation shard and keeps, per shape, the MLP's reading where it was
 closer to the truth there than the network's and followed it better (`use`; a left/right pair
 together; never the eyes' shapes). Deterministic for a seed and the same shards (the same file,
-byte for byte); about 2-3 min on 2 cores for 8000 steps. Shards synthesised again are not bit for bit
-the ones before (in a new checkout, the reference shape of MediaPipe's landmarks on them differed
-by up to 6e-6 of its unit radius), and a retrained MLP then differs in its weights (though not in its validation MAE there:
-0.0496 both) and may choose a shape or two differently (mouthStretch there).
+byte for byte); about 2-3 min on 2 cores for 8000 steps. Shards synthesised again are not bit
+for bit the ones before (in a new checkout, the reference shape of MediaPipe's landmarks on them
+differed by up to 6e-6 of its unit radius), and a retrained MLP then differs in its weights
+(though not in its validation MAE there: 0.0496 both) and may choose a shape or two differently
+(mouthStretch there).
 """
 from __future__ import annotations
 
