@@ -47,10 +47,12 @@ class DepthSettings:
                                         # the depth bends the mesh where no weight means it (0.5 did: bench/
                                         # eval_rgbd.py dev seeds 37 and 41, face vertices 2.36 with 0.5, 1.83 with 8)
     identity_frames: int = 10           # frames with depth before the identity locks
-    identity_prior: float = 0.2         # per frame, against identity weights ~ N(0, 1)
+    identity_prior: float = 0.1         # per frame, against identity weights ~ N(0, 1)
     identity_landmark_weight: float = 0.0  # the landmarks' part in shaping the identity (0: depth alone)
-    identity_rounds: int = 16           # at lock time: Gauss-Newton steps on the identity and its frames' poses
-                                        # (and expressions)
+    identity_rounds: int = 32           # at lock time: Gauss-Newton steps on the identity and its frames' poses
+                                        # (and expressions); it creeps on for tens of steps (dev seeds 37 and 41,
+                                        # the identity's own error after 4/8/16/32 steps: 1.72/1.59/1.53/1.48 and
+                                        # 1.95/1.74/1.61/1.49 mm)
     identity_expression_prior: float = 8.0  # > 0: those steps also solve each frame's expression, pulled to the
                                         # engine's with this weight (cm² per unit²); 0: the engine's held, whose
                                         # errors the identity then absorbs (dev seeds: given the true expression
@@ -330,11 +332,10 @@ class DepthRefiner:
         lock after settings.identity_frames frames."""
         s = self.settings
         k = len(identity)
-        r, J = self._frame_equations(lm, K, R, t, e, identity, depth_cm)
-        J = J[6:]
-        A = J @ J.T
+        H, g = self._frame_equations(lm, K, R, t, e, identity, depth_cm)
+        A = H[6:, 6:]
         self._A += A
-        self._b += A @ identity - J @ r
+        self._b += A @ identity - g[6:]
         self._frames += 1
         self.identity = np.linalg.solve(self._A + s.identity_prior * self._frames * np.eye(k), self._b)
         self.identity_locked = self._frames >= s.identity_frames
@@ -345,20 +346,21 @@ class DepthRefiner:
         settings.identity_expression_prior, expression) together, the frames' unknowns eliminated by
         their Schur complement. Solving them in turn converges slowly:
         part of a face-shape error looks like a small turn or shift of the head, and a pose
-        solved under the wrong face keeps it."""
+        solved under the wrong face keeps it. Near its end the solve alternates between two nearby
+        faces (consecutive steps point opposite ways), so the identity is the last two rounds' mean."""
         s = self.settings
         k = len(identity)
         frames = self._kept
         with_e = s.identity_expression_prior > 0
         M = self.landmarks.expression.shape[0] if with_e else 0
         engine_e = [frame[4].copy() for frame in frames]
+        last = identity
         for _ in range(s.identity_rounds):
             S = s.identity_prior * len(frames) * np.eye(k)
             c = s.identity_prior * len(frames) * identity
             blocks = []
             for frame, e0 in zip(frames, engine_e):
-                r, J = self._frame_equations(*frame[:5], identity, frame[5], solve_expression=with_e)
-                H, g = J @ J.T, J @ r
+                H, g = self._frame_equations(*frame[:5], identity, frame[5], solve_expression=with_e)
                 q = 6 + M                  # the frame's own unknowns: pose, then expression
                 Hpp = H[:q, :q] + 1e-6 * np.eye(q)
                 gp = g[:q].copy()
@@ -371,7 +373,7 @@ class DepthRefiner:
                 c += g[q:] - Hpi.T @ X[:, k]
                 blocks.append(X)
             step = -np.linalg.solve(S, c)
-            identity = identity + step
+            last, identity = identity, identity + step
             for frame, X in zip(frames, blocks):
                 dp = -(X[:, k] + X[:, :k] @ step)
                 frame[2] = rodrigues(dp[:3]) @ frame[2]
@@ -379,29 +381,25 @@ class DepthRefiner:
                 if with_e:
                     frame[4] = np.clip(frame[4] + dp[6:], 0.0, 1.0)
         self._kept = []
-        return identity
+        return 0.5 * (last + identity)
 
     def _frame_equations(self, lm, K, R, t, e, identity, depth_cm, solve_expression: bool = False):
-        """Residuals (n,) and pose[-expression]-identity Jacobian rows (6 [+ M] + K, n) of one frame,
-        expression held unless solve_expression: the depth; the landmarks at settings.landmark_weight
-        placing the head only (their few millimetres of bias against the model would pass into the
-        face shape); and, at settings.identity_landmark_weight, the landmarks shaping the face too."""
+        """Normal equations H (q, q), g (q,) = J Jᵀ, J r of one frame over its pose[, expression] and the
+        identity (q = 6 [+ M] + K), expression held unless solve_expression: the depth; the landmarks
+        at settings.landmark_weight placing the head only (their few millimetres of bias against the
+        model would pass into the face shape), so they add to the pose block alone; and, at
+        settings.identity_landmark_weight, the landmarks shaping the face too."""
         s = self.settings
         r, J = depth_linearise(self.depth, depth_cm, K, R, t, e, identity, replace(s, gate_cm=s.identity_gate_cm),
                                solve_expression=solve_expression, solve_identity=True)
-        parts_r, parts_J = [r], [J]
-        if s.landmark_weight > 0 or s.identity_landmark_weight > 0:
+        H, g = J @ J.T, J @ r
+        if s.landmark_weight > 0:
+            r1, J1 = linearise(self.landmarks, lm, K, R, t, e, identity, solve_expression=False)
+            H[:6, :6] += s.landmark_weight * (J1 @ J1.T)
+            g[:6] += s.landmark_weight * (J1 @ r1)
+        if s.identity_landmark_weight > 0:
             r1, J1 = linearise(self.landmarks, lm, K, R, t, e, identity, solve_expression=solve_expression,
                                solve_identity=True)
-            if s.landmark_weight > 0:
-                w = np.sqrt(s.landmark_weight)
-                pose_only = J1 * w
-                pose_only[6:] = 0.0
-                parts_r.append(r1 * w)
-                parts_J.append(pose_only)
-            if s.identity_landmark_weight > 0:
-                w = np.sqrt(s.identity_landmark_weight)
-                parts_r.append(r1 * w)
-                parts_J.append(J1 * w)
-        return np.concatenate(parts_r), np.concatenate(parts_J, axis=1)
-
+            H += s.identity_landmark_weight * (J1 @ J1.T)
+            g += s.identity_landmark_weight * (J1 @ r1)
+        return H, g
