@@ -15,7 +15,8 @@ the surface better but read worse as blendshapes (bench/eval_rgbd.py), so captur
 the mesh the refined expression and the blendshapes the engine's. Over the first frames with
 depth the identity is solved from the depth alone (the landmarks' own biases, a few mm where
 MediaPipe's points and the model's disagree, would pass into it), together with those frames'
-poses and expressions, and locked, sooner than landmarks alone allow.
+poses and expressions, and locked, sooner than landmarks alone allow; a few frames later it is
+solved once more over all the frames so far, and kept.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ class DepthSettings:
                                         # eval_rgbd.py dev seeds 37 and 41, face vertices 2.36 with 0.5, 1.83 with 8)
     identity_frames: int = 10           # frames with depth before the identity locks
     identity_prior: float = 0.1         # per frame, against identity weights ~ N(0, 1)
+    identity_refine_frames: int = 30    # > identity_frames: the identity is solved again over this many frames with
+                                        # depth, starting from the locked one (0: not)
+    identity_refine_rounds: int = 8     # Gauss-Newton steps of that second solve
     identity_landmark_weight: float = 0.0  # the landmarks' part in shaping the identity (0: depth alone)
     identity_rounds: int = 32           # at lock time: Gauss-Newton steps on the identity and its frames' poses
                                         # (and expressions); it creeps on for tens of steps (dev seeds 37 and 41,
@@ -265,7 +269,7 @@ def depth_residual_mm(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, f
 class DepthRefiner:
     """Refines each fitted frame against its depth image; over the first frames with depth it
     solves the identity (from the depth; landmarks at settings.identity_landmark_weight), then
-    locks it."""
+    locks it, and at settings.identity_refine_frames solves it once more over all of them."""
 
     landmarks: LandmarkBasis
     depth: DepthBasis
@@ -275,7 +279,7 @@ class DepthRefiner:
     _A: np.ndarray | None = None
     _b: np.ndarray | None = None
     _frames: int = 0
-    _kept: list = field(default_factory=list)   # the identity frames: [lm, K, R, t, e, depth cm]
+    _kept: list = field(default_factory=list)   # the identity frames: [lm, K, R, t, e, depth cm, e as first refined]
 
     def __post_init__(self):
         k = self.landmarks.identity.shape[0]
@@ -314,11 +318,22 @@ class DepthRefiner:
                                      lower=lower, upper=upper, extra=extra, expression_target=prior_e,
                                      solve_expression=s.solve_expression, landmark_weight=s.landmark_weight,
                                      landmark_expression=s.landmark_expression)
+        settled = False
         if not self.identity_locked:
-            self._kept.append([lm, K, R, t, e, depth_cm])
+            self._kept.append([lm, K, R, t, e, depth_cm, e.copy()])
             identity = self._update_identity(lm, K, R, t, e, identity, depth_cm)
             if self.identity_locked:
-                identity = self.identity = self._settle_identity(identity)
+                identity = self.identity = self._settle_identity(identity, s.identity_rounds)
+                if len(self._kept) >= s.identity_refine_frames:
+                    self._kept = []
+            settled = True
+        elif self._kept:
+            self._kept.append([lm, K, R, t, e, depth_cm, e.copy()])
+            if len(self._kept) >= s.identity_refine_frames:
+                identity = self.identity = self._settle_identity(identity, s.identity_refine_rounds)
+                self._kept = []
+                settled = True
+        if settled:
             R, t, e = gauss_newton_frame(self.landmarks, lm, K, R, t, e, identity, fit_settings, 1,
                                          lower=lower, upper=upper, extra=extra, expression_target=prior_e,
                                          solve_expression=s.solve_expression, landmark_weight=s.landmark_weight,
@@ -341,7 +356,7 @@ class DepthRefiner:
         self.identity_locked = self._frames >= s.identity_frames
         return self.identity
 
-    def _settle_identity(self, identity: np.ndarray) -> np.ndarray:
+    def _settle_identity(self, identity: np.ndarray, rounds: int) -> np.ndarray:
         """Gauss-Newton on the identity and every identity frame's pose (and, with
         settings.identity_expression_prior, expression) together, the frames' unknowns eliminated by
         their Schur complement. Solving them in turn converges slowly:
@@ -353,9 +368,9 @@ class DepthRefiner:
         frames = self._kept
         with_e = s.identity_expression_prior > 0
         M = self.landmarks.expression.shape[0] if with_e else 0
-        engine_e = [frame[4].copy() for frame in frames]
+        engine_e = [frame[6] for frame in frames]
         last = identity
-        for _ in range(s.identity_rounds):
+        for _ in range(rounds):
             S = s.identity_prior * len(frames) * np.eye(k)
             c = s.identity_prior * len(frames) * identity
             blocks = []
@@ -380,7 +395,6 @@ class DepthRefiner:
                 frame[3] = frame[3] + dp[3:6]
                 if with_e:
                     frame[4] = np.clip(frame[4] + dp[6:], 0.0, 1.0)
-        self._kept = []
         return 0.5 * (last + identity)
 
     def _frame_equations(self, lm, K, R, t, e, identity, depth_cm, solve_expression: bool = False):
