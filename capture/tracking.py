@@ -218,8 +218,12 @@ class FaceTracker:
         return out
 
     def reset(self) -> None:
-        """Forget the tracked face (a new take starts)."""
+        """Forget the tracked face (a new take starts), FaceMesh's own tracking state included."""
         self._roi = None
+        if not self.static:
+            for mesh in (self._mesh, self._crop_mesh):
+                if mesh is not None:
+                    mesh.reset()
 
     def close(self) -> None:
         for part in (self._mesh, self._crop_mesh, self._detector, self._follower):

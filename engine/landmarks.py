@@ -65,6 +65,11 @@ class MediaPipeLandmarker:
         out[:, 2] *= w
         return out
 
+    def reset(self) -> None:
+        """Forget the face tracked so far: FaceMesh's graph keeps the last frame's region and would
+        look there first in the next take's first frames."""
+        self._mesh.reset()
+
     def close(self) -> None:
         self._mesh.close()
 

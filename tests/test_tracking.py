@@ -10,6 +10,7 @@ MediaPipe's landmark model sees no face at all, CoarseNet fits it from the pictu
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,34 @@ def test_a_batched_take_gives_what_one_frame_at_a_time_gives(model, yaws, tmp_pa
     assert (batched["confidence"] < 1.0).sum() >= 4
     for name in ("blendshapes", "expression", "rotation", "translation", "landmarks68"):
         np.testing.assert_allclose(batched[name], one[name], atol=1e-4, err_msg=name)
+
+
+def _video_frames(name: str, n: int) -> list[np.ndarray]:
+    import cv2
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / f"{name}.mp4"
+    if not path.is_file():
+        pytest.skip(f"shared video {name}.mp4 missing")
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while len(frames) < n:
+        ok, bgr = capture.read()
+        assert ok, f"{path} has fewer than {n} frames"
+        frames.append(bgr[:, :, ::-1].copy())
+    capture.release()
+    return frames
+
+
+def test_reset_forgets_the_face_facemesh_was_tracking():
+    """After reset a new take's first frame gets what a fresh tracker gives it: FaceMesh's graph
+    keeps the last frame's region, and without its own reset the next take's first landmarks
+    came out up to 62 px off (d12's face, then d10's)."""
+    first_take, next_take = _video_frames("d12", 5), _video_frames("d10", 1)
+    with FaceTracker() as fresh:
+        expected = fresh.track(next_take[0])
+    with FaceTracker() as tracker:
+        for rgb in first_take:
+            assert tracker.track(rgb) is not None
+        tracker.reset()
+        got = tracker.track(next_take[0])
+    assert expected is not None and got is not None
+    np.testing.assert_array_equal(got, expected)
