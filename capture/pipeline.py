@@ -217,6 +217,7 @@ class FaceCapture:
         self._tracked_px = None  # (N, 2) the tracker's last landmarks, px (where a picture fit crops)
         self._follow_misses = 0  # frames without a face since that fit
         self.depth_basis = None  # engine.depth_fit's samples, built with the first frame that has depth
+        self.identity_depth_basis = None  # and the identity solves' denser ones
         self._warm_up()
         self.reset()
 
@@ -509,9 +510,12 @@ class FaceCapture:
         its samples, ~20 ms to build) is made on the first frame with depth: colour takes never
         pay for it."""
         if self.depth_refiner is None:
+            d, k = self.settings.depth, self.basis.identity.shape[0]
             if self.depth_basis is None:
-                self.depth_basis = DepthBasis.build(self.model, self.basis.identity.shape[0])
-            self.depth_refiner = DepthRefiner(self.basis, self.depth_basis, self.settings.depth)
+                self.depth_basis = DepthBasis.build(self.model, k)
+                self.identity_depth_basis = DepthBasis.build(self.model, k, d.identity_spacing_cm,
+                                                             d.identity_side_spacing_cm)
+            self.depth_refiner = DepthRefiner(self.basis, self.depth_basis, d, self.identity_depth_basis)
             if self.settings.actor is not None:
                 self.depth_refiner.lock(self.settings.actor.identity)
         pinned = {i: fit.expression[i] for i in pinned_indices}

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 from engine.facemodel import FACE_VERTICES, FaceModel
-from engine.fitting import FitResult, FitSettings, LandmarkBasis, gauss_newton_frame, linearise
+from engine.fitting import FitResult, FitSettings, LandmarkBasis, gauss_newton_frame, gram, linearise
 from engine.pose import project, rodrigues
 from engine.rasterizer import vertex_normals
 
@@ -70,6 +70,10 @@ class DepthSettings:
     landmark_weight: float = 0.03       # the landmarks' part in placing the head beside the depth: their
                                         # bias against the model turned the head and shaped the face wrong
     min_samples: int = 50               # fewer seen samples than this: the frame is left as fitted
+    identity_spacing_cm: float = 0.45   # the identity solves' samples (DepthRefiner.identity_depth): denser
+    identity_side_spacing_cm: float = 0.7  # than every frame's (0.6 and 1.0 cm), at no cost to the frames after
+                                        # the lock (dev seeds 37 and 41, the identity's own error 1.25 -> 1.09
+                                        # and 1.25 -> 1.20 mm)
 
 
 def front_face_vertices(model: FaceModel, spacing_cm: float = 0.6) -> np.ndarray:
@@ -137,8 +141,9 @@ class DepthBasis:
             object.__setattr__(self, name, np.ascontiguousarray(np.transpose(modes, (1, 2, 0))))
 
     @classmethod
-    def build(cls, model: FaceModel, n_identity: int = 60, spacing_cm: float = 0.6) -> "DepthBasis":
-        vid = depth_sample_vertices(model, spacing_cm)
+    def build(cls, model: FaceModel, n_identity: int = 60, spacing_cm: float = 0.6,
+              side_spacing_cm: float = 1.0) -> "DepthBasis":
+        vid = depth_sample_vertices(model, spacing_cm, side_spacing_cm)
         normals = vertex_normals(model.neutral.astype(np.float64), model.triangles)[vid]
         front = np.isin(vid, front_face_vertices(model, spacing_cm))
         return cls(LandmarkBasis.from_vertices(model, vid, n_identity), vid, normals, front)
@@ -274,6 +279,7 @@ class DepthRefiner:
     landmarks: LandmarkBasis
     depth: DepthBasis
     settings: DepthSettings = field(default_factory=DepthSettings)
+    identity_depth: DepthBasis | None = None    # the identity solves' samples (None: depth's)
     identity: np.ndarray | None = None
     identity_locked: bool = False
     _A: np.ndarray | None = None
@@ -404,16 +410,17 @@ class DepthRefiner:
         model would pass into the face shape), so they add to the pose block alone; and, at
         settings.identity_landmark_weight, the landmarks shaping the face too."""
         s = self.settings
-        r, J = depth_linearise(self.depth, depth_cm, K, R, t, e, identity, replace(s, gate_cm=s.identity_gate_cm),
+        dbasis = self.depth if self.identity_depth is None else self.identity_depth
+        r, J = depth_linearise(dbasis, depth_cm, K, R, t, e, identity, replace(s, gate_cm=s.identity_gate_cm),
                                solve_expression=solve_expression, solve_identity=True)
-        H, g = J @ J.T, J @ r
+        H, g = gram(J), J @ r
         if s.landmark_weight > 0:
             r1, J1 = linearise(self.landmarks, lm, K, R, t, e, identity, solve_expression=False)
-            H[:6, :6] += s.landmark_weight * (J1 @ J1.T)
+            H[:6, :6] += s.landmark_weight * gram(J1)
             g[:6] += s.landmark_weight * (J1 @ r1)
         if s.identity_landmark_weight > 0:
             r1, J1 = linearise(self.landmarks, lm, K, R, t, e, identity, solve_expression=solve_expression,
                                solve_identity=True)
-            H += s.identity_landmark_weight * (J1 @ J1.T)
+            H += s.identity_landmark_weight * gram(J1)
             g += s.identity_landmark_weight * (J1 @ r1)
         return H, g

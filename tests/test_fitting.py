@@ -14,7 +14,7 @@ import pytest
 
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FACE_VERTICES
-from engine.fitting import FitSettings, LandmarkBasis, TakeFitter, initial_pose
+from engine.fitting import FitSettings, LandmarkBasis, TakeFitter, gram, initial_pose
 from engine.gaze import IRIS_LANDMARKS
 from engine.pose import default_camera_matrix, model_to_camera, project, rotation_to_axis_angle
 
@@ -271,3 +271,12 @@ def test_identity_locks_after_the_configured_frames_and_survives_lost_track(mode
     fitter.lose_track()
     fitter.fit(lm, K)
     np.testing.assert_array_equal(fitter.identity, kept)
+
+
+def test_gram_is_the_jacobians_product_with_itself():
+    rng = np.random.default_rng(0)
+    for rows, n in ((6, 50), (119, 1500)):
+        Jt = rng.normal(size=(rows + 3, n))[:rows]          # a row slice, as gauss_newton_frame passes
+        H = gram(Jt)
+        np.testing.assert_allclose(H, Jt @ Jt.T, rtol=1e-12, atol=1e-9)
+        assert np.array_equal(H, H.T)
