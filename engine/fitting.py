@@ -202,7 +202,10 @@ def landmark_rms_px(basis: LandmarkBasis, landmarks_px, K, R, t, expression, ide
 
 def gram(Jt: np.ndarray) -> np.ndarray:
     """(q, q) Jt Jtᵀ of Jacobian rows Jt (q, n) by BLAS's syrk, which computes one triangle: about 3x
-    numpy's matmul at the fits' shapes (119 x 1500: 0.5 against 1.5 ms on one core)."""
+    numpy's matmul at the depth solves' shapes (119 x 1500: 0.5 against 1.5 ms on one core). Below
+    about 24 rows (the pose alone: 6) the call costs more than it saves, and matmul does it."""
+    if len(Jt) < 24:
+        return Jt @ Jt.T
     upper = dsyrk(1.0, np.asarray(Jt, np.float64).T, trans=1)
     return np.triu(upper) + np.triu(upper, 1).T
 
