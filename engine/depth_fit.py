@@ -15,8 +15,8 @@ the surface better but read worse as blendshapes (bench/eval_rgbd.py), so captur
 the mesh the refined expression and the blendshapes the engine's. Over the first frames with
 depth the identity is solved from the depth alone (the landmarks' own biases, a few mm where
 MediaPipe's points and the model's disagree, would pass into it), together with those frames'
-poses and expressions, and locked, sooner than landmarks alone allow; a few frames later it is
-solved once more over all the frames so far, and kept.
+poses and expressions, and locked, sooner than landmarks alone allow; twenty frames later it is
+solved once more over every second frame so far, and kept.
 """
 from __future__ import annotations
 
@@ -277,7 +277,8 @@ def depth_residual_mm(dbasis: DepthBasis, depth_cm: np.ndarray, K: np.ndarray, f
 class DepthRefiner:
     """Refines each fitted frame against its depth image; over the first frames with depth it
     solves the identity (from the depth; landmarks at settings.identity_landmark_weight), then
-    locks it, and at settings.identity_refine_frames solves it once more over all of them."""
+    locks it, and at settings.identity_refine_frames solves it once more over every
+    settings.identity_refine_every-th of them."""
 
     landmarks: LandmarkBasis
     depth: DepthBasis
