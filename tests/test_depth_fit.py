@@ -252,8 +252,10 @@ def test_biased_landmarks_neither_turn_the_head_nor_shape_the_face(model, bases)
     depth_led = run(DepthSettings(identity_frames=4))
     landmark_led = run(DepthSettings(identity_frames=4, landmark_weight=1.0))
     mean_face = identity_error_mm(np.zeros(60))
-    # measured: 1.92 deg and 0.71 mm depth-led, 2.87 deg and 1.28 mm with the landmarks at full
-    # weight; the mean face is 4.70 mm off
+    # measured: 2.14 deg and 1.17 mm depth-led, 7.27 deg and 5.65 mm with the landmarks at full
+    # weight; the mean face is 4.70 mm off. (With the identity prior at 0.2 a frame, before
+    # 2026-12-06: 2.10 deg and 1.03 mm, 4.79 deg and 2.96 mm; the weaker prior that serves noisy
+    # depth over ten frames leaves this four-frame exact-depth case closer to its bound.)
     assert depth_led[0] < 0.75 * landmark_led[0]
     assert depth_led[1] < 0.7 * landmark_led[1] and depth_led[1] < 0.25 * mean_face
 
