@@ -235,17 +235,17 @@ def test_a_batched_take_gives_what_one_frame_at_a_time_gives(model, yaws, tmp_pa
 
 
 def _video_frames(name: str, n: int) -> list[np.ndarray]:
-    import cv2
+    """The first n frames (RGB) of ../shared's video name.mp4, read as `capture video` reads it."""
+    from itertools import islice
+
+    from capture.sources import VideoSource
 
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos" / f"{name}.mp4"
     if not path.is_file():
         pytest.skip(f"shared video {name}.mp4 missing")
-    capture, frames = cv2.VideoCapture(str(path)), []
-    while len(frames) < n:
-        ok, bgr = capture.read()
-        assert ok, f"{path} has fewer than {n} frames"
-        frames.append(bgr[:, :, ::-1].copy())
-    capture.release()
+    with VideoSource(path) as source:
+        frames = [frame.image for frame in islice(source, n)]
+    assert len(frames) == n, f"{path} has fewer than {n} frames"
     return frames
 
 
