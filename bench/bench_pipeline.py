@@ -207,7 +207,7 @@ def run_worker(args, key: str, cores: list[int], mesh_format: str, tmp: Path, en
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "--cores",
            ",".join(map(str, cores)), "--video", str(args.video), "--mesh-format", mesh_format,
            "--warmup", str(args.warmup), "--_result", str(res_path), "--_out-dir", str(tmp / f"take_{key}"),
-           "--_engine", engine, "--expression", args.expression]
+           "--_engine", engine, "--expression", args.expressions[engine]]
     if args.coarse_weights is not None:
         cmd += ["--coarse-weights", str(args.coarse_weights)]
     if args.frames is not None:
@@ -224,7 +224,7 @@ def run_cli(args, cores: list[int], mesh_format: str, tmp: Path, engine: str) ->
     """One `capture video --engine ENGINE` run pinned to cores; wall clock from spawn to exit."""
     out = tmp / f"cli_{engine}_{len(cores)}_{mesh_format}"
     cmd = [str(args.capture), "video", str(args.video), "--out", str(out), "--quiet",
-           "--mesh-format", mesh_format, "--engine", engine, "--expression", args.expression]
+           "--mesh-format", mesh_format, "--engine", engine, "--expression", args.expressions[engine]]
     if engine == "coarse" and args.coarse_weights is not None:
         cmd += ["--coarse-weights", str(args.coarse_weights)]
     if args.frames is not None:
@@ -264,7 +264,7 @@ def report_header(args, engines: tuple, load: tuple) -> None:
     print(f"video        {args.video}")
     print(f"engines      {', '.join(engines)}"
           + (f" (CoarseNet weights {args.coarse_weights})" if "coarse" in engines and args.coarse_weights else "")
-          + (f"; coarse expression: {args.expression}" if "coarse" in engines else ""))
+          + "; expression: " + ", ".join(f"{e} {args.expressions[e]}" for e in engines))
     print(f"threads      {', '.join(f'{v}=1' for v in THREAD_VARS)} (as `capture` sets); "
           f"'N core(s)' = sched_setaffinity to N CPUs")
     print(f"cpu          {cpu_name()}, {os.cpu_count()} logical CPUs; load average (1 min) "
@@ -441,8 +441,9 @@ def parse_args(argv=None):
     p.add_argument("--coarse-weights", type=Path, default=None, metavar="PATH",
                    help="CoarseNet weights for the coarse engine, .onnx or .pt (default: capture's, "
                         "engine/weights/coarsenet.onnx)")
-    p.add_argument("--expression", choices=("merged", "network"), default="merged",
-                   help="the coarse engine's expression source (capture's --expression; default merged)")
+    p.add_argument("--expression", choices=("merged", "network", "solve"), default="merged",
+                   help="capture's --expression for the engine that takes it (network: coarse, solve: fit; "
+                        "the other engine keeps merged; default merged for both)")
     p.add_argument("--_engine", dest="engine_one", default="coarse", help=argparse.SUPPRESS)
     p.add_argument("--cores", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
@@ -486,6 +487,9 @@ def main(argv=None) -> int:
         tmp_ctx = tempfile.TemporaryDirectory(prefix="bench_capture_")
         tmp = Path(tmp_ctx.name)
     engines = ENGINES if args.engine == "both" else (args.engine,)
+    from capture.pipeline import expression_for
+
+    args.expressions = {e: expression_for(e, args.expression) for e in engines}   # --expression, per engine
     try:
         workers = {e: {} for e in engines}
         for engine in engines:

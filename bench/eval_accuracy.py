@@ -54,7 +54,8 @@ from eval_landmarks import (DEFAULT_IMAGES, annotated_photos, nearest_mediapipe_
                             read_annotation)
 
 from capture.calibrate import calibrate_video  # noqa: E402
-from capture.pipeline import BLINK_SOURCES, EXPRESSION_SOURCES, CaptureSettings, FaceCapture  # noqa: E402
+from capture.pipeline import (BLINK_SOURCES, EXPRESSION_SOURCES, CaptureSettings, FaceCapture,  # noqa: E402
+                              expression_for)
 from engine.arkit import ARKIT_NAMES  # noqa: E402
 from engine.coarse_fitting import runtime_for  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
@@ -252,7 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blink", choices=BLINK_SOURCES, default=CaptureSettings.blink,
                     help="eyeBlink source (CaptureSettings.blink, capture's --blink)")
     ap.add_argument("--expression", choices=EXPRESSION_SOURCES, default=CaptureSettings.expression,
-                    help="coarse engine's expression source (CaptureSettings.expression, capture's --expression)")
+                    help="expression source (CaptureSettings.expression, capture's --expression) for the engine "
+                    "that takes it (network: coarse, solve: fit); the other engine keeps merged")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = ap.parse_args(argv)
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -291,7 +293,8 @@ def main(argv=None) -> int:
             return FaceCapture(model, corr, CaptureSettings(engine=engine, coarse_weights=args.weights,
                                                             coarse_runtime=runtime,
                                                             coarse_refine_iterations=args.coarse_refine,
-                                                            blink=args.blink, expression=args.expression,
+                                                            blink=args.blink,
+                                                            expression=expression_for(engine, args.expression),
                                                             **changes))
         cap = capture_with()
         try:

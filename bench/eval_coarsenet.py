@@ -149,11 +149,13 @@ def run_take(capture: FaceCapture, media: Path, fps: float | None = None, max_fr
     return out
 
 
-def open_capture(model, corr, engine: str, filtering: bool, weights: Path | None) -> FaceCapture:
-    """FaceCapture as `capture video --engine ENGINE [--coarse-weights W] [--no-filter]` builds it."""
+def open_capture(model, corr, engine: str, filtering: bool, weights: Path | None,
+                 expression: str = "merged") -> FaceCapture:
+    """FaceCapture as `capture video --engine ENGINE [--coarse-weights W] [--no-filter] [--expression E]`
+    builds it."""
     runtime = runtime_for(weights)
     return FaceCapture(model, corr, CaptureSettings(engine=engine, coarse_weights=weights, coarse_runtime=runtime,
-                                                    filtering=filtering))
+                                                    filtering=filtering, expression=expression))
 
 
 def timing_stats(takes: list) -> dict:

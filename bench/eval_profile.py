@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from eval_coarsenet import DEFAULT_CACHE, ensure_clips, geodesic_deg, open_capture, run_take, save_json  # noqa: E402
 
+from capture.pipeline import EXPRESSION_SOURCES, expression_for  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
 from engine.facemodel import FaceModel  # noqa: E402
 from trainers.clips import ClipConfig, clip_media, load_gt  # noqa: E402
@@ -125,11 +126,15 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=150, help="frames per clip (default 150: 5 s)")
     ap.add_argument("--seed", type=int, default=21, help="clip set seed (default 21; training never uses it)")
     ap.add_argument("--engine", choices=("coarse", "fit"), default="coarse")
+    ap.add_argument("--expression", choices=EXPRESSION_SOURCES, default="merged",
+                    help="capture's --expression (network: coarse only; solve: fit only)")
     ap.add_argument("--weights", type=Path, default=None, help="CoarseNet weights (default: shipped)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "profile",
                     help=f"clip cache (default {DEFAULT_CACHE / 'profile'})")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = ap.parse_args(argv)
+    if expression_for(args.engine, args.expression) != args.expression:
+        ap.error(f"--expression {args.expression} needs the other engine than --engine {args.engine}")
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     model, corr = FaceModel.load(), LandmarkCorrespondence.load()
     t0 = time.perf_counter()
@@ -137,8 +142,8 @@ def main(argv=None) -> int:
     render_s = time.perf_counter() - t0
     gts = [load_gt(c) for c in clips]
     res = {"clips": args.clips, "frames_per_clip": args.frames, "seed": args.seed, "engine": args.engine,
-           "settings": {}}
-    capture = open_capture(model, corr, args.engine, True, args.weights)
+           "expression": args.expression, "settings": {}}
+    capture = open_capture(model, corr, args.engine, True, args.weights, args.expression)
     base = capture.settings
     try:
         for name, follow in (("before", False), ("after", True)):

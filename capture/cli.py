@@ -148,7 +148,8 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face-model", type=Path, default=None, help="face model .npz")
     p.add_argument("--engine", choices=("coarse", "fit"), default="coarse",
                    help="coarse (default): CoarseNet reads the face crop, one network pass per frame; "
-                   "fit: the landmark optimiser, which follows MediaPipe's landmarks closely")
+                   "fit: no network, a landmark optimiser fits the head pose and identity to MediaPipe's "
+                   "landmarks (its expression: see --expression)")
     p.add_argument("--coarse-weights", type=Path, default=None, metavar="PATH",
                    help="CoarseNet weights for --engine coarse: .onnx (ONNX Runtime) or .pt (torch) "
                    "(default: engine/weights/coarsenet.onnx, shipped with capture)")
@@ -163,10 +164,12 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
                    "(videos; photos use the fit); eyes, a small network on each eye's pixels, which sees the "
                    "winks MediaPipe's lids miss on rendered faces but reads real open eyes as partly shut; "
                    "fit, the engine's fitted weights")
-    p.add_argument("--expression", choices=("merged", "network"), default="merged",  # pipeline.EXPRESSION_SOURCES
-                   help="coarse engine's expression: merged (default), the shapes a small MLP reads better from "
-                   "the shape of MediaPipe's landmarks (jaw, smiles, squints; chosen on validation renders) "
-                   "from it, the rest from CoarseNet; network, CoarseNet's alone")
+    p.add_argument("--expression", choices=("merged", "network", "solve"), default="merged",  # EXPRESSION_SOURCES
+                   help="where the expression comes from: merged (default), a small MLP reading the shape of "
+                   "MediaPipe's landmarks: with --engine coarse the shapes it reads better (jaw, smiles, squints; "
+                   "chosen on validation renders), the rest from CoarseNet; with --engine fit every shape, the "
+                   "optimiser fitting the head pose and identity around it; network (coarse only), CoarseNet's "
+                   "alone; solve (fit only), the optimiser solves every shape from the landmarks itself")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -832,6 +835,7 @@ def main(argv=None) -> int:
     try:
         try:
             _check_numbers(args)
+            _check_choices(args)
             with NativeStderrFilter():
                 return handler(args)
         except (CaptureError, SourceError, FaceModelError, ModelImportError, PreviewError, StreamError,
@@ -888,6 +892,15 @@ def _check_numbers(args) -> None:
             raise CaptureError(f"{flag} must be > 0 and finite, got {value}")
     if getattr(args, "camera", None) is not None and args.camera < 0:
         raise CaptureError(f"--camera must be 0 or more, got {args.camera}")
+
+
+def _check_choices(args) -> None:
+    """One line for options that each exist but do not go together."""
+    from capture.pipeline import EXPRESSION_ENGINE
+
+    needs = EXPRESSION_ENGINE.get(getattr(args, "expression", None))
+    if needs is not None and needs != args.engine:
+        raise CaptureError(f"--expression {args.expression} needs --engine {needs} (got --engine {args.engine})")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from engine.device import CPU_BACKEND, coarse_runtime_on
 from engine.facemodel import FaceModel, barycentric_points
 from engine.filters import OneEuroFilter
 from engine.fine_runtime import FineRuntime
-from engine.fitting import FitResult, FitSettings, LandmarkBasis, TakeFitter
+from engine.fitting import HELD_EXPRESSION_PRIORS, FitResult, FitSettings, LandmarkBasis, TakeFitter
 from engine.eyestate import EyeClosure, subject_left_first
 from engine.landmark_expression import LandmarkExpression
 from engine.gaze import (IRIS_CENTRES, IRIS_LANDMARKS, EyeModel, LidClosure, eye_look_weights, gaze_angles,
@@ -66,9 +66,20 @@ ENGINES = ("coarse", "fit")
 #: videos, the default), the eye-state net on each eye's pixels (sees the winks MediaPipe's lids miss,
 #: but reads real open eyes as 0.15-0.25 shut), or the engine's fitted weights.
 BLINK_SOURCES = ("lids", "eyes", "fit")
-#: The coarse engine's expression: "merged", the shapes the landmark-expression MLP read better on validation
-#: from it, the rest from the network (engine.landmark_expression); "network", CoarseNet's alone.
-EXPRESSION_SOURCES = ("merged", "network")
+#: Where the expression weights come from. "merged": the landmark-expression MLP (engine.landmark_expression);
+#: with the coarse engine only the shapes it read better than the network on validation (the rest are
+#: CoarseNet's), with the fit engine every shape (the optimiser then solves pose and identity with them
+#: held). "network": CoarseNet's alone (coarse engine only). "solve": the fit engine's optimiser solves
+#: all 53 weights from the landmarks itself (fit engine only; its only reading until 2026-12-06).
+EXPRESSION_SOURCES = ("merged", "network", "solve")
+#: The engine each source other than "merged" needs.
+EXPRESSION_ENGINE = {"network": "coarse", "solve": "fit"}
+
+
+def expression_for(engine: str, expression: str) -> str:
+    """The expression source `engine` runs with when `expression` is asked of both engines (the benches):
+    that one where the engine takes it, else "merged"."""
+    return expression if EXPRESSION_ENGINE.get(expression, engine) == engine else "merged"
 
 
 def fitted_yaw_deg(fit: FitResult) -> float:
@@ -98,7 +109,7 @@ class CaptureSettings:
     coarse_refine_iterations: int = 1   # Gauss-Newton steps on CoarseNet's head pose against the landmarks
     photo_refine_iterations: int = 4    # the same for a photo: no time limit, no previous frame
     blink: str = "lids"                 # eyeBlink from: BLINK_SOURCES (eyes: engine.eyestate.EyeClosure)
-    expression: str = "merged"          # coarse engine: EXPRESSION_SOURCES (merged: engine.landmark_expression)
+    expression: str = "merged"          # EXPRESSION_SOURCES (merged: engine.landmark_expression)
     focal_px: float | None = None
     filtering: bool = True
     small_faces: bool = True
@@ -182,6 +193,10 @@ class FaceCapture:
         if self.settings.expression not in EXPRESSION_SOURCES:
             raise ValueError(f"unknown expression source {self.settings.expression!r} "
                              f"(choose from {', '.join(EXPRESSION_SOURCES)})")
+        needs = EXPRESSION_ENGINE.get(self.settings.expression, self.settings.engine)
+        if needs != self.settings.engine:
+            raise ValueError(f"expression source {self.settings.expression!r} needs the {needs} engine "
+                             f"(this take uses {self.settings.engine!r})")
         actor = self.settings.actor
         if actor is not None and actor.shape_names != model.expression_names:
             raise ValueError("the actor profile's shapes are not this face model's expression shapes")
@@ -190,8 +205,7 @@ class FaceCapture:
             kind, provider = coarse_runtime_on(self.settings.device_backend, self.settings.coarse_runtime,
                                                self.settings.coarse_weights is not None)
             self._runtime = open_runtime(kind, self.settings.coarse_weights, provider)
-        self._landmark_expression = LandmarkExpression.load() \
-            if self._runtime is not None and self.settings.expression == "merged" else None
+        self._landmark_expression = LandmarkExpression.load() if self.settings.expression == "merged" else None
         # iris landmarks take no part in the lid/face fit: the eyeballs are rigid in the model
         self.basis = LandmarkBasis.from_correspondence(model, correspondence, exclude=IRIS_LANDMARKS)
         self.landmarks68 = Landmarks68(model, self.basis.identity.shape[0])
@@ -230,7 +244,8 @@ class FaceCapture:
         R, t = FRONTAL, np.array([0.0, 0.0, 60.0])
         identity = np.zeros(self.basis.identity.shape[0])
         landmarks = project(self.basis.points(identity, np.zeros(self.model.n_expression)) @ R.T + t, K)
-        fitter = TakeFitter(self.basis, FitSettings(identity_frames=1, identity_rounds=1))
+        fitter = TakeFitter(self.basis, FitSettings(identity_frames=1, identity_rounds=1),
+                            landmark_expression=self._landmark_expression)
         fitter.fit(landmarks, K)
 
     def reset(self) -> None:
@@ -263,8 +278,9 @@ class FaceCapture:
         if s.static:  # one photo's passes see the same landmarks: its prior must not weaken with them
             fit = FitSettings(identity_frames=s.photo_passes, identity_prior_joint=s.photo_identity_prior)
         else:
-            fit = FitSettings(identity_frames=s.identity_frames)
-        self.fitter = TakeFitter(self.basis, fit, identity)
+            held = HELD_EXPRESSION_PRIORS if self._landmark_expression is not None else {}
+            fit = FitSettings(identity_frames=s.identity_frames, **held)
+        self.fitter = TakeFitter(self.basis, fit, identity, landmark_expression=self._landmark_expression)
 
     def _calibrated(self, expression: np.ndarray) -> np.ndarray | None:
         """The fitted weights in the performer's own range (the profile's, else the take's

@@ -12,6 +12,7 @@ focal length over depth), so the priors mean the same at any image size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -20,6 +21,9 @@ from scipy.linalg.blas import dsyrk
 from engine.correspondence import LandmarkCorrespondence
 from engine.facemodel import FaceModel
 from engine.pose import FRONTAL, project, rodrigues
+
+if TYPE_CHECKING:
+    from engine.landmark_expression import LandmarkExpression
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,12 @@ class FitSettings:
     identity_prior_joint: float = 0.05  # for the whole take, in the joint solve at lock time
     identity_rounds: int = 3           # rounds of the joint solve over the stored frames
     identity_joint_frames: int = 20    # at most this many of them, evenly spread (bounds the one-off cost)
+
+
+#: FitSettings' identity priors for a TakeFitter that holds the expression at the landmark MLP's reading:
+#: with no expression weights left to take up MediaPipe's own errors, the default priors let the identity
+#: take them (development clips, seed 23: face vertices 4.26 mm, the mean face's 3.64; with these 3.21).
+HELD_EXPRESSION_PRIORS = {"identity_prior": 8.0, "identity_prior_joint": 5.0}
 
 
 @dataclass
@@ -343,12 +353,18 @@ class TakeFitter:
     """Fits every frame of one take; identity converges over the first frames, then locks.
 
     identity: a known identity (an actor profile's), locked from the first frame.
+    landmark_expression: an engine.landmark_expression.LandmarkExpression: when given, it reads every
+    expression weight from the landmarks' shape and the fit solves the pose (and, until it locks, the
+    identity) with those weights held. Solving the 53 weights from the landmarks instead (None) makes
+    them explain MediaPipe's own errors: on exact-truth clips that reading was 2.6 x further from the
+    truth than all zeros, and a neutral face read jawForward near 1 (bench/README.md).
     """
 
     basis: LandmarkBasis
     settings: FitSettings = field(default_factory=FitSettings)
     identity: np.ndarray | None = None
     identity_locked: bool = False
+    landmark_expression: LandmarkExpression | None = None
     _A: np.ndarray | None = None
     _b: np.ndarray | None = None
     _frames_for_identity: int = 0
@@ -390,14 +406,20 @@ class TakeFitter:
             R, t, e = self._previous.rotation, self._previous.translation, self._previous.expression
             iterations = s.iterations
         lower, upper = np.zeros(M), np.ones(M)
+        solve = self.landmark_expression is None
+        if not solve:  # every weight held at the MLP's reading: lower = upper
+            lower = self.landmark_expression.predict(landmarks_px).astype(np.float64)
+            upper = lower.copy()
         if pin is not None:
             if self._previous is not None:  # the pin needs this frame's pose, not the last one's
                 R, t, _ = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
                                                 solve_expression=False)
             for index, value in pin(R, t).items():
                 lower[index] = upper[index] = value
+        if not solve:
+            e = lower.copy()
         R, t, e = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, iterations,
-                                          lower=lower, upper=upper)
+                                          solve_expression=solve, lower=lower, upper=upper)
         if not self.identity_locked:
             # a running estimate with a firm prior while few frames are in...
             A, b = identity_normal_equations(self.basis, landmarks_px, K, R, t, e, self.identity)
@@ -415,7 +437,7 @@ class TakeFitter:
                 self.identity_locked = True
                 self._kept = []
             R, t, e = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, self.identity, s, 1,
-                                              lower=lower, upper=upper)
+                                              solve_expression=solve, lower=lower, upper=upper)
         rms = landmark_rms_px(self.basis, landmarks_px, K, R, t, e, self.identity)
         result = FitResult(R, t, e, self.identity.copy(), rms)
         self._previous = result

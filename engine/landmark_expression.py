@@ -66,7 +66,8 @@ class LandmarkExpression:
         path = Path(DEFAULT_WEIGHTS if path is None else path)
         if not path.is_file():
             raise LandmarkExpressionError(f"landmark-expression weights not found: {path} "
-                                          "(python -m trainers.train_landmark_expression writes them)")
+                                          "(python -m trainers.train_landmark_expression writes them; "
+                                          "--expression network or solve runs without them)")
         try:
             with np.load(path) as d:
                 if str(d["format"]) != FORMAT:

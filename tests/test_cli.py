@@ -434,9 +434,18 @@ def test_bad_coarse_weights_is_one_line(command, tmp_path, capsys):
     assert code == 0, err
 
 
+@pytest.mark.parametrize("engine,source,needs", [("fit", "network", "coarse"), ("coarse", "solve", "fit")])
+def test_expression_source_of_the_other_engine_is_one_line(engine, source, needs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(["video", D12, "--max-frames", 1, "--out", out, "--quiet", "--engine", engine,
+                      "--expression", source], capsys)
+    _assert_one_line_error(code, err, f"--expression {source} needs --engine {needs}")
+    assert not out.exists()
+
+
 def test_missing_landmark_expression_weights_is_one_line(tmp_path, capsys, monkeypatch):
     """A broken install without the landmark MLP's weights: one line naming the file, nothing written;
-    --expression network needs none."""
+    --expression network (coarse) and solve (fit) need none."""
     import engine.landmark_expression as lx
 
     monkeypatch.setattr(lx, "DEFAULT_WEIGHTS", tmp_path / "landmark_expression.npz")
@@ -446,6 +455,14 @@ def test_missing_landmark_expression_weights_is_one_line(tmp_path, capsys, monke
     assert not out.exists()
     code, err = _run(["video", D12, "--max-frames", 1, "--out", out, "--quiet", "--mesh-format", "none",
                       "--expression", "network"], capsys)
+    assert code == 0, err
+    # the optimiser reads its expression with the MLP too; solving it itself needs no weights
+    out = tmp_path / "fit"
+    code, err = _run(["video", D12, "--max-frames", 1, "--out", out, "--quiet", "--engine", "fit"], capsys)
+    _assert_one_line_error(code, err, "landmark_expression.npz", "not found")
+    assert not out.exists()
+    code, err = _run(["video", D12, "--max-frames", 1, "--out", out, "--quiet", "--mesh-format", "none",
+                      "--engine", "fit", "--expression", "solve"], capsys)
     assert code == 0, err
 
 

@@ -224,6 +224,40 @@ def test_pinned_weight_is_exact(model, basis):
     assert res.expression[j] == 0.0
 
 
+def test_held_expression_is_the_readers_and_the_pose_is_still_solved(model, basis):
+    """With a landmark_expression reader, every weight is its reading (the pinned one the pin's) and the
+    fit solves the head pose around it: given the true weights, the pose comes out right."""
+    K, identity, expression, rotations, trans, landmarks = _synthetic_take(model, basis, seed=3)
+    look = model.expression_names.index("eyeLookDown_L")
+
+    class Reader:  # duck-types engine.landmark_expression.LandmarkExpression: the true weights, in order
+        calls = 0
+
+        def predict(self, points_px):
+            assert points_px.shape == (len(basis.mean), 2)
+            self.calls += 1
+            return expression[self.calls - 1]
+
+    reader = Reader()
+    fitter = TakeFitter(basis, FitSettings(identity_frames=IDENTITY_FRAMES),
+                        landmark_expression=reader)
+    errors = []
+    for f in range(N_FRAMES):
+        res = fitter.fit(landmarks[f], K, pin=lambda R_, t_: {look: 0.25})
+        want = expression[f].copy()
+        want[look] = 0.25
+        np.testing.assert_array_equal(res.expression, want)
+        errors.append(_rotation_error_deg(res.rotation, rotations[f]))
+    assert reader.calls == N_FRAMES
+    assert fitter.identity_locked
+    assert np.median(errors[-MEASURED:]) < 1.0, errors
+    # the same landmarks with every weight read as 0: held at 0, not solved back from the landmarks
+    zero = TakeFitter(basis, identity=identity, landmark_expression=type("Zero", (), {
+        "predict": lambda self, p: np.zeros(model.n_expression)})())
+    assert not zero.fit(landmarks[0], K).expression.any()
+    assert TakeFitter(basis, identity=identity).fit(landmarks[0], K).expression.max() > 0.1
+
+
 # ---------------------------------------------------------------- pieces
 
 

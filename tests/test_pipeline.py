@@ -311,3 +311,30 @@ def test_coarse_expression_takes_the_landmark_mlps_shapes_and_the_networks_other
     assert np.abs(out["merged"].expression[reg.use & free] - out["network"].expression[reg.use & free]).max() > 0.01
     with pytest.raises(ValueError, match="unknown expression source"):
         FaceCapture(face_model, corr, CaptureSettings(expression="guess"))
+
+
+def test_fit_engine_reads_every_shape_with_the_landmark_mlp(d12, face_model):
+    """engine="fit" with the default expression ("merged"): every weight but the pinned gaze and blink
+    is the MLP's reading of the frame's landmarks; "solve" leaves the optimiser to solve them itself
+    (and gives other weights); a source the engine cannot use is refused in one line."""
+    from engine.landmark_expression import LandmarkExpression
+
+    frames, _ = d12
+    corr = LandmarkCorrespondence.load()
+    out = {}
+    for source in ("merged", "solve"):
+        capture = FaceCapture(face_model, corr, CaptureSettings(engine="fit", static=True, expression=source))
+        try:
+            out[source] = capture.process(frames[0], 0.0)
+            assert (capture.fitter.landmark_expression is not None) == (source == "merged")
+        finally:
+            capture.close()
+    names = face_model.expression_names
+    free = np.array([not (n.startswith("eyeLook") or n.startswith("eyeBlink")) for n in names])
+    assert out["merged"].face_found and out["solve"].face_found
+    want = LandmarkExpression.load().predict(out["merged"].landmarks[:, :2])
+    np.testing.assert_allclose(out["merged"].expression[free], want[free], atol=1e-9)
+    assert np.abs(out["solve"].expression[free] - want[free]).max() > 0.05
+    for engine, source in (("fit", "network"), ("coarse", "solve")):
+        with pytest.raises(ValueError, match=f"expression source '{source}' needs the"):
+            FaceCapture(face_model, corr, CaptureSettings(engine=engine, expression=source))
