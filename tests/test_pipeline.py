@@ -283,6 +283,26 @@ def test_with_depth_the_mesh_takes_the_depths_expression_and_the_blendshapes_the
         assert np.abs(d.expression - c.expression).max() > 0.01  # the mesh's weights moved with the depth
 
 
+def _photo_fits(face_model, image, engine: str, sources) -> dict:
+    """{source: FrameResult} of one photo fitted by `engine` with each expression source; only "merged"
+    gives the fitter the landmark MLP."""
+    out = {}
+    for source in sources:
+        capture = FaceCapture(face_model, LandmarkCorrespondence.load(),
+                              CaptureSettings(engine=engine, static=True, expression=source))
+        try:
+            out[source] = capture.process(image, 0.0)
+            assert (capture.fitter.landmark_expression is not None) == (source == "merged")
+        finally:
+            capture.close()
+    return out
+
+
+def _not_pinned(face_model) -> np.ndarray:
+    """(M,) bool: the shapes neither gaze nor blink pins at the pose."""
+    return np.array([not (n.startswith("eyeLook") or n.startswith("eyeBlink")) for n in face_model.expression_names])
+
+
 def test_coarse_expression_takes_the_landmark_mlps_shapes_and_the_networks_others(d12, face_model):
     """expression="merged" (the default): on a photo (no filter, no automatic neutral) the shapes the
     MLP took over read what it reads from the frame's landmarks, the others what the network alone
@@ -292,16 +312,8 @@ def test_coarse_expression_takes_the_landmark_mlps_shapes_and_the_networks_other
     frames, _ = d12
     corr = LandmarkCorrespondence.load()
     assert CaptureSettings().expression == "merged"
-    out = {}
-    for source in ("merged", "network"):
-        capture = FaceCapture(face_model, corr, CaptureSettings(static=True, expression=source))
-        try:
-            out[source] = capture.process(frames[0], 0.0)
-            assert (capture.fitter.landmark_expression is not None) == (source == "merged")
-        finally:
-            capture.close()
-    names = face_model.expression_names
-    free = np.array([not (n.startswith("eyeLook") or n.startswith("eyeBlink")) for n in names])
+    out = _photo_fits(face_model, frames[0], "coarse", ("merged", "network"))
+    free = _not_pinned(face_model)
     reg = LandmarkExpression.load()
     assert (reg.use & free).any() and out["merged"].face_found
     want = reg.predict(out["merged"].landmarks[:, :2])
@@ -321,16 +333,8 @@ def test_fit_engine_reads_every_shape_with_the_landmark_mlp(d12, face_model):
 
     frames, _ = d12
     corr = LandmarkCorrespondence.load()
-    out = {}
-    for source in ("merged", "solve"):
-        capture = FaceCapture(face_model, corr, CaptureSettings(engine="fit", static=True, expression=source))
-        try:
-            out[source] = capture.process(frames[0], 0.0)
-            assert (capture.fitter.landmark_expression is not None) == (source == "merged")
-        finally:
-            capture.close()
-    names = face_model.expression_names
-    free = np.array([not (n.startswith("eyeLook") or n.startswith("eyeBlink")) for n in names])
+    out = _photo_fits(face_model, frames[0], "fit", ("merged", "solve"))
+    free = _not_pinned(face_model)
     assert out["merged"].face_found and out["solve"].face_found
     want = LandmarkExpression.load().predict(out["merged"].landmarks[:, :2])
     np.testing.assert_allclose(out["merged"].expression[free], want[free], atol=1e-9)
