@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from eval_coarsenet import DEFAULT_CACHE, ensure_clips, geodesic_deg, open_capture, run_take, save_json  # noqa: E402
 
-from capture.pipeline import EXPRESSION_SOURCES, expression_for  # noqa: E402
+from capture.pipeline import EXPRESSION_SOURCES, expression_needs  # noqa: E402
 from engine.correspondence import LandmarkCorrespondence  # noqa: E402
 from engine.facemodel import FaceModel  # noqa: E402
 from trainers.clips import ClipConfig, clip_media, load_gt  # noqa: E402
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
                     help=f"clip cache (default {DEFAULT_CACHE / 'profile'})")
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     args = ap.parse_args(argv)
-    if expression_for(args.engine, args.expression) != args.expression:
+    if expression_needs(args.engine, args.expression):
         ap.error(f"--expression {args.expression} needs the other engine than --engine {args.engine}")
     t_start, load0 = time.perf_counter(), os.getloadavg()[0]
     model, corr = FaceModel.load(), LandmarkCorrespondence.load()

@@ -896,10 +896,10 @@ def _check_numbers(args) -> None:
 
 def _check_choices(args) -> None:
     """One line for options that each exist but do not go together."""
-    from capture.pipeline import EXPRESSION_ENGINE
+    from capture.pipeline import expression_needs
 
-    needs = EXPRESSION_ENGINE.get(getattr(args, "expression", None))
-    if needs is not None and needs != args.engine:
+    needs = expression_needs(args.engine, args.expression) if hasattr(args, "expression") else None
+    if needs:
         raise CaptureError(f"--expression {args.expression} needs --engine {needs} (got --engine {args.engine})")
 
 

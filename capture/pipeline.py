@@ -76,10 +76,16 @@ EXPRESSION_SOURCES = ("merged", "network", "solve")
 EXPRESSION_ENGINE = {"network": "coarse", "solve": "fit"}
 
 
+def expression_needs(engine: str, expression: str) -> str | None:
+    """The engine the expression source needs where `engine` cannot take it; None where it can."""
+    needs = EXPRESSION_ENGINE.get(expression, engine)
+    return None if needs == engine else needs
+
+
 def expression_for(engine: str, expression: str) -> str:
     """The expression source `engine` runs with when `expression` is asked of both engines (the benches):
     that one where the engine takes it, else "merged"."""
-    return expression if EXPRESSION_ENGINE.get(expression, engine) == engine else "merged"
+    return "merged" if expression_needs(engine, expression) else expression
 
 
 def fitted_yaw_deg(fit: FitResult) -> float:
@@ -193,8 +199,8 @@ class FaceCapture:
         if self.settings.expression not in EXPRESSION_SOURCES:
             raise ValueError(f"unknown expression source {self.settings.expression!r} "
                              f"(choose from {', '.join(EXPRESSION_SOURCES)})")
-        needs = EXPRESSION_ENGINE.get(self.settings.expression, self.settings.engine)
-        if needs != self.settings.engine:
+        needs = expression_needs(self.settings.engine, self.settings.expression)
+        if needs:
             raise ValueError(f"expression source {self.settings.expression!r} needs the {needs} engine "
                              f"(this take uses {self.settings.engine!r})")
         actor = self.settings.actor

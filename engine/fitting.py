@@ -453,5 +453,6 @@ class TakeFitter:
             for frame in self._kept:
                 landmarks_px, K, R, t, e, lower, upper = frame
                 frame[2:5] = gauss_newton_frame(self.basis, landmarks_px, K, R, t, e, identity, s, 1,
+                                                solve_expression=self.landmark_expression is None,
                                                 lower=lower, upper=upper)
         return identity
